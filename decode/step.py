@@ -1,0 +1,131 @@
+"""One LSA decode step for a batch: each request attends only to its resident chunks.
+
+Torch path: per layer, the resident pages of each request are gathered and attended with SDPA
+(the Triton kernel of ``kernels/`` reads them in place instead). Called by the engine's loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flashmemory.decode.chunk_pool import ChunkPool
+from flashmemory.model.llama import CausalLM
+
+
+@dataclass(frozen=True)
+class DecodeSlot:
+    """Where one request's new token goes and what it may attend to, fixed for one step."""
+
+    request_id: str
+    page: int  # page receiving the new token's K/V
+    slot: int  # position inside that page
+    pages: torch.Tensor  # (n,) int64 resident pages in chunk order; the last one is ``page``
+    chunks: torch.Tensor  # (n,) int64 chunk index of each page
+    num_valid: int  # valid tokens in the gathered pages, including the new one
+
+
+class AttentionRecorder:
+    """Accumulates per-chunk attention mass of each step (mean over layers and query heads)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.current: dict[str, torch.Tensor] = {}  # request -> (num_chunks_seen,) fp32 sum
+        self.steps: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, request_id: str, chunks: torch.Tensor, mass: torch.Tensor) -> None:
+        size = int(chunks.max()) + 1
+        acc = self.current.get(request_id)
+        if acc is None or acc.numel() < size:
+            grown = torch.zeros(size)
+            if acc is not None:
+                grown[: acc.numel()] = acc
+            acc = grown
+        acc.index_add_(0, chunks.cpu(), mass.float().cpu() / self.num_layers)
+        self.current[request_id] = acc
+
+    def end_step(self) -> None:
+        for rid, acc in self.current.items():
+            self.steps.setdefault(rid, []).append(acc)
+        self.current = {}
+
+
+class DecodeBackend:
+    """AttentionBackend for a decode batch: writes new K/V into pages, attends resident pages."""
+
+    def __init__(self, pool: ChunkPool, slots: list[DecodeSlot],
+                 recorder: AttentionRecorder | None = None) -> None:
+        self.pool, self.slots, self.recorder = pool, slots, recorder
+        dev = pool.kv.device
+        self._pages = torch.tensor([s.page for s in slots], device=dev)
+        self._offs = torch.tensor([s.slot for s in slots], device=dev)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kv = self.pool.kv  # (P, L, 2, Hkv, C, D)
+        # 1. write this step's K/V of every request into its open page
+        kv[self._pages, layer, 0, :, self._offs] = k.to(kv.dtype)
+        kv[self._pages, layer, 1, :, self._offs] = v.to(kv.dtype)
+        # 2. attend each request to its resident pages (ragged: one SDPA per request)
+        outs = []
+        for i, s in enumerate(self.slots):
+            pages = kv[s.pages, layer]  # (n, 2, Hkv, C, D) gathered copy
+            n, _, h, c, d = pages.shape
+            flat = pages.permute(1, 2, 0, 3, 4).reshape(2, h, n * c, d)[:, :, : s.num_valid]
+            qi = q[i].unsqueeze(1).unsqueeze(0)  # (1, Hq, 1, D)
+            o = F.scaled_dot_product_attention(
+                qi, flat[0].unsqueeze(0).to(q.dtype), flat[1].unsqueeze(0).to(q.dtype),
+                enable_gqa=True,
+            )
+            outs.append(o[0, :, 0])  # (Hq, D)
+            if self.recorder is not None:
+                self._record(s, qi, flat[0].to(q.dtype), n, c)
+        return torch.stack(outs)  # (B, Hq, D)
+
+    def _record(self, s: DecodeSlot, q: torch.Tensor, k: torch.Tensor, n: int, c: int) -> None:
+        assert self.recorder is not None
+        hq, hkv = q.shape[1], k.shape[0]
+        kk = k.repeat_interleave(hq // hkv, dim=0)  # (Hq, T, D)
+        probs = torch.softmax((q[0] @ kk.transpose(1, 2)) * q.shape[-1] ** -0.5, dim=-1)
+        per_tok = probs[:, 0].mean(0)  # (T,) mean over query heads
+        padded = torch.zeros(n * c, dtype=per_tok.dtype)
+        padded[: per_tok.numel()] = per_tok.cpu()
+        self.recorder.add(s.request_id, s.chunks, padded.view(n, c).sum(1))
+
+
+def build_slot(pool: ChunkPool, request_id: str) -> DecodeSlot:
+    """Reserve the next token's slot and list the request's resident pages in chunk order."""
+    page, slot = pool.ensure_slot(request_id)
+    table = pool.tables[request_id]
+    chunks = sorted(table.pages)
+    assert chunks[-1] * pool.chunk_size + slot == table.num_tokens, "open page must be last"
+    dev = pool.kv.device
+    valid = (len(chunks) - 1) * pool.chunk_size + slot + 1
+    return DecodeSlot(
+        request_id, page, slot,
+        torch.tensor([table.pages[c] for c in chunks], device=dev),
+        torch.tensor(chunks, device=dev), valid,
+    )
+
+
+@torch.no_grad()
+def decode_step(
+    model: CausalLM,
+    pool: ChunkPool,
+    batch: list[tuple[str, int]],
+    recorder: AttentionRecorder | None = None,
+) -> torch.Tensor:
+    """Run one token per request; batch = [(request_id, last_token)] -> fp32 logits (B, vocab)."""
+    # 1. reserve slots and fix each request's resident set for this step
+    slots = [build_slot(pool, rid) for rid, _ in batch]
+    positions = torch.tensor([pool.tables[rid].num_tokens for rid, _ in batch], device=model.device)
+    ids = torch.tensor([tok for _, tok in batch], device=model.device)
+    # 2. forward through the model with the paged backend
+    hidden = model(ids, positions, DecodeBackend(pool, slots, recorder))
+    # 3. the new tokens are now part of each sequence
+    for rid, _ in batch:
+        pool.tables[rid].num_tokens += 1
+    if recorder is not None:
+        recorder.end_step()
+    return model.logits(hidden)

@@ -1,0 +1,90 @@
+"""Configuration dataclasses: sampling, LSA selection, engine. CLI flags and (later) the Serve
+YAML map onto these fields; bad values raise ``ValueError`` naming what is allowed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+
+Mode = Literal["full", "lsa", "recency", "random", "oracle"]
+MODES: tuple[str, ...] = get_args(Mode)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding parameters (vLLM-compatible names)."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+
+
+@dataclass(frozen=True)
+class LSAConfig:
+    """Which chunks a request keeps resident during decode, and how often that is re-decided."""
+
+    mode: Mode = "lsa"
+    chunk_size: int = 64  # tokens per chunk (C)
+    budget: float | None = 0.1  # fraction of prompt chunks a selector may keep ...
+    budget_tokens: int | None = None  # ... or a token count (overrides budget)
+    threshold: float | None = None  # optional minimum selector score
+    sink_chunks: int = 1
+    recent_tokens: int = 128  # recency tail W (prompt end + generated)
+    repredict_every: int = 64  # decode steps between re-predictions
+    oracle_window: int = 64  # steps of future attention mass the oracle ranks by
+    seed: int = 0  # random selector
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.budget_tokens is not None:
+            if self.budget_tokens < 0:
+                raise ValueError(f"budget_tokens must be >= 0, got {self.budget_tokens}")
+        elif self.budget is None or not 0.0 <= self.budget <= 1.0:
+            raise ValueError(f"budget must be a fraction in [0, 1], got {self.budget}")
+        if self.sink_chunks < 0 or self.recent_tokens < 1 or self.repredict_every < 1:
+            raise ValueError("sink_chunks >= 0, recent_tokens >= 1, repredict_every >= 1 required")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """A single-process engine: backbone, numerics, indexer and default LSA settings."""
+
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    device: str = "cpu"
+    indexer: str = "minilm"  # alias or a sentence-transformers directory
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    prefill_piece_tokens: int = 8192
+    lsa: LSAConfig = field(default_factory=LSAConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.prefill_piece_tokens < 1:
+            raise ValueError("prefill_piece_tokens must be >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

@@ -1,0 +1,192 @@
+"""Single-process LSA engine: ``LLM(...).generate(prompts, SamplingParams)`` and ``LLM.chat``.
+
+Prefill runs each prompt densely into the chunk store; decode keeps only each request's resident
+chunks (sink + selected + recency tail) in the chunk pool and re-selects every N steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from flashmemory.config import EngineConfig, LSAConfig, SamplingParams
+from flashmemory.decode.chunk_pool import ChunkPool
+from flashmemory.decode.loop import DecodeLoop, Sequence
+from flashmemory.decode.step import AttentionRecorder
+from flashmemory.indexer.base import Selector
+from flashmemory.indexer.selectors import (
+    FullSelector,
+    OracleSelector,
+    RandomSelector,
+    RecencySelector,
+)
+from flashmemory.model.loader import load_model, load_tokenizer, resolve
+from flashmemory.prefill.chunk_store import ChunkStore
+from flashmemory.prefill.runner import prefill
+from flashmemory.types import Messages, Prompt, PromptTooLongError, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class LLM:
+    """Loads a backbone and an indexer once; serves batches of prompts with LSA decoding."""
+
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None,
+                 **overrides: Any) -> None:
+        cfg = config or EngineConfig()
+        if model is not None:
+            overrides["model"] = model
+        self.config = cfg = replace(cfg, **overrides)
+        self.source = resolve(cfg.model)
+        self.model = load_model(self.source, cfg.torch_dtype, cfg.device)
+        self.tokenizer = load_tokenizer(self.source)
+        mc = self.model.config
+        self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
+        self.eos_ids = set(mc.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        self._indexer: Any = None
+        self._ids = itertools.count()
+
+    # -- prompts ------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | Messages, chat: bool, query_chars: int = 400) -> Prompt:
+        """Apply the chat template (chat=True) and tokenize with character offsets."""
+        if chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)
+            users = [m["content"] for m in messages if m.get("role") == "user"]
+            query_src = users[-1] if users else text
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        else:
+            if not isinstance(prompt, str):
+                raise ValueError("raw prompts must be strings; use chat for message lists")
+            text, query_src = prompt, prompt
+            enc = self.tokenizer(text, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {len(ids)} tokens but the model's context "
+                                     f"is {self.max_model_len} tokens")
+        return Prompt(ids, [tuple(o) for o in enc["offset_mapping"]], text,
+                      query_src[-query_chars:])
+
+    # -- public API ---------------------------------------------------------------------------
+    def generate(self, prompts: str | list[str], sampling: SamplingParams | None = None,
+                 lsa: LSAConfig | None = None) -> list[RequestOutput]:
+        """Raw-text prompts (no chat template), one output each, in order."""
+        plist = [prompts] if isinstance(prompts, str) else prompts
+        return self._run([self.tokenize(p, chat=False) for p in plist], sampling, lsa)
+
+    def chat(self, conversations: Messages | list[Messages] | str | list[str],
+             sampling: SamplingParams | None = None,
+             lsa: LSAConfig | None = None) -> list[RequestOutput]:
+        """Chat prompts through the model's chat template."""
+        convs = [conversations] if isinstance(conversations, str) or (
+            conversations and isinstance(conversations[0], dict)) else conversations
+        return self._run([self.tokenize(c, chat=True) for c in convs], sampling, lsa)  # type: ignore[arg-type]
+
+    def run_modes(self, prompt: Prompt, sampling: SamplingParams,
+                  configs: list[LSAConfig]) -> list[RequestOutput]:
+        """One prefill, then one decode per LSA config (the evaluation's inner loop)."""
+        store_id = f"p{next(self._ids)}"
+        start = time.perf_counter()
+        try:
+            first = self._prefill(store_id, prompt, configs[0].chunk_size, any(
+                c.mode == "lsa" for c in configs))
+            traces = None
+            if any(c.mode == "oracle" for c in configs):
+                traces = self._oracle_traces(store_id, prompt, sampling, configs, first, start)
+            seqs = [self._new_seq(store_id, prompt, sampling, c, start, traces) for c in configs]
+            return self._decode(seqs, {store_id: first})
+        finally:
+            self._release(store_id)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _run(self, prompts: list[Prompt], sampling: SamplingParams | None,
+             lsa: LSAConfig | None) -> list[RequestOutput]:
+        sampling, lsa = sampling or SamplingParams(), lsa or self.config.lsa
+        if lsa.mode == "oracle":
+            return [self.run_modes(p, sampling, [lsa])[0] for p in prompts]
+        start = time.perf_counter()
+        store_ids = [f"p{next(self._ids)}" for _ in prompts]
+        try:
+            firsts, seqs = {}, []
+            for sid, p in zip(store_ids, prompts, strict=True):
+                firsts[sid] = self._prefill(sid, p, lsa.chunk_size, lsa.mode == "lsa")
+                seqs.append(self._new_seq(sid, p, sampling, lsa, start, None))
+            return self._decode(seqs, firsts)
+        finally:
+            for sid in store_ids:
+                self._release(sid)
+
+    def _ensure_store(self, chunk_size: int) -> None:
+        mc = self.model.config
+        if getattr(self, "store", None) is None or self.store.chunk_size != chunk_size:
+            dt, dev = self.config.torch_dtype, self.config.device
+            self.store = ChunkStore(mc.num_layers, mc.num_kv_heads, mc.head_dim, chunk_size, dt,
+                                    dev)
+            self.pool = ChunkPool(self.store.shape, dt, dev)
+
+    def _prefill(self, store_id: str, prompt: Prompt, chunk_size: int,
+                 embed: bool) -> torch.Tensor:
+        self._ensure_store(chunk_size)
+        res = prefill(self.model, self.store, store_id, prompt.token_ids, prompt.offsets,
+                      prompt.text, self.config.prefill_piece_tokens)
+        if embed:
+            self.indexer.add_request(store_id, self.store.chunk_texts(store_id))
+        return res.logits
+
+    @property
+    def indexer(self) -> Any:
+        if self._indexer is None:
+            from flashmemory.indexer.neural import NeuralIndexer
+
+            self._indexer = NeuralIndexer(self.config.indexer, device=self.config.device)
+        return self._indexer
+
+    def _selector(self, lsa: LSAConfig, traces: dict[str, list[torch.Tensor]] | None) -> Selector:
+        if lsa.mode == "full":
+            return FullSelector()
+        if lsa.mode == "recency":
+            return RecencySelector()
+        if lsa.mode == "random":
+            return RandomSelector(lsa.seed)
+        if lsa.mode == "oracle":
+            return OracleSelector(traces or {}, lsa.oracle_window)
+        return self.indexer
+
+    def _new_seq(self, store_id: str, prompt: Prompt, params: SamplingParams, lsa: LSAConfig,
+                 start: float, traces: dict[str, list[torch.Tensor]] | None) -> Sequence:
+        rid = f"{store_id}-{lsa.mode}-{next(self._ids)}"
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator().manual_seed(params.seed if params.seed is not None else 0)
+        return Sequence(rid, store_id, prompt, params, lsa, self._selector(lsa, traces), start, gen)
+
+    def _oracle_traces(self, store_id: str, prompt: Prompt, sampling: SamplingParams,
+                       configs: list[LSAConfig], first: torch.Tensor,
+                       start: float) -> dict[str, list[torch.Tensor]]:
+        """Full-attention run recording per-chunk attention mass at every step."""
+        full = replace(next(c for c in configs if c.mode == "oracle"), mode="full")
+        seq = self._new_seq(store_id, prompt, sampling, full, start, None)
+        recorder = AttentionRecorder(self.model.config.num_layers)
+        self._decode([seq], {store_id: first}, recorder)
+        return {store_id: recorder.steps.get(seq.rid, [])}
+
+    def _decode(self, seqs: list[Sequence], firsts: dict[str, torch.Tensor],
+                recorder: AttentionRecorder | None = None) -> list[RequestOutput]:
+        loop = DecodeLoop(self.model, self.store, self.pool, self.tokenizer, self.eos_ids,
+                          self.max_model_len)
+        return loop.run(seqs, firsts, recorder)
+
+    def _release(self, store_id: str) -> None:
+        if getattr(self, "store", None) is not None:
+            self.store.free(store_id)
+        if self._indexer is not None:
+            self._indexer.forget(store_id)

@@ -1,0 +1,1 @@
+"""Evaluation utilities for FlashMemory: synthetic long-context tasks and their scoring."""

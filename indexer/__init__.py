@@ -1,0 +1,1 @@
+"""Indexer: the selector interface, baseline selectors and the Neural Memory Indexer."""

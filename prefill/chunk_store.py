@@ -1,0 +1,120 @@
+"""Prefill-side chunk store: every request's prompt KV as chunks of C tokens holding all layers.
+
+Written by prefill (``prefill.runner``), read by the chunk transport when decode fetches chunks.
+It is the one place that knows where a chunk lives and what token/text span it covers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ChunkMeta:
+    """Token span [token_start, token_end) and text span [char_start, char_end) of one chunk."""
+
+    index: int
+    token_start: int
+    token_end: int
+    char_start: int
+    char_end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_end - self.token_start
+
+
+@dataclass
+class _Entry:
+    kv: torch.Tensor  # (num_chunks, L, 2, Hkv, C, D) prompt KV, zero-padded in the last chunk
+    metas: list[ChunkMeta]
+    text: str
+    num_tokens: int
+
+
+class ChunkStore:
+    """Chunked prompt KV per request; ``read`` returns one contiguous payload for a transfer."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        chunk_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.shape = (num_layers, 2, num_kv_heads, chunk_size, head_dim)
+        self.chunk_size = chunk_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self._entries: dict[str, _Entry] = {}
+
+    # -- prefill side -------------------------------------------------------------------------
+    def allocate(self, request_id: str, num_tokens: int, offsets: list[tuple[int, int]],
+                 text: str) -> list[ChunkMeta]:
+        """Reserve chunks for ``num_tokens`` tokens; offsets[i] is token i's char span."""
+        if request_id in self._entries:
+            raise ValueError(f"request {request_id!r} already has chunks")
+        c = self.chunk_size
+        n = -(-num_tokens // c)
+        metas = []
+        for i in range(n):
+            t0, t1 = i * c, min((i + 1) * c, num_tokens)
+            metas.append(ChunkMeta(i, t0, t1, offsets[t0][0], offsets[t1 - 1][1]))
+        kv = torch.zeros((n, *self.shape), dtype=self.dtype, device=self.device)
+        self._entries[request_id] = _Entry(kv, metas, text, num_tokens)
+        return metas
+
+    def write_layer(self, request_id: str, layer: int, start: int, k: torch.Tensor,
+                    v: torch.Tensor) -> None:
+        """Write K/V (T, Hkv, D) of tokens [start, start+T) for one layer into their chunks."""
+        e = self._entries[request_id]
+        c = self.chunk_size
+        t = k.shape[0]
+        end = start + t
+        i = start
+        while i < end:  # one slice copy per chunk touched
+            chunk, off = divmod(i, c)
+            n = min(c - off, end - i)
+            dst = e.kv[chunk, layer]  # (2, Hkv, C, D)
+            dst[0, :, off:off + n] = k[i - start:i - start + n].transpose(0, 1)
+            dst[1, :, off:off + n] = v[i - start:i - start + n].transpose(0, 1)
+            i += n
+
+    # -- transport side -----------------------------------------------------------------------
+    def read(self, request_id: str, chunk_ids: list[int]) -> torch.Tensor:
+        """Contiguous payload (n, L, 2, Hkv, C, D) of the given chunks, in the given order."""
+        e = self._entries[request_id]
+        idx = torch.tensor(chunk_ids, dtype=torch.long, device=e.kv.device)
+        return e.kv.index_select(0, idx)
+
+    def metas(self, request_id: str) -> list[ChunkMeta]:
+        return self._entries[request_id].metas
+
+    def chunk_texts(self, request_id: str) -> list[str]:
+        e = self._entries[request_id]
+        return [e.text[m.char_start:m.char_end] for m in e.metas]
+
+    def num_tokens(self, request_id: str) -> int:
+        return self._entries[request_id].num_tokens
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._entries
+
+    def free(self, request_id: str) -> None:
+        self._entries.pop(request_id, None)
+
+    def nbytes(self) -> int:
+        return sum(e.kv.numel() * e.kv.element_size() for e in self._entries.values())
+
+    def requests(self) -> list[str]:
+        return list(self._entries)
+
+    def layer_kv(self, request_id: str, layer: int, num_tokens: int) -> torch.Tensor:
+        """One layer's K/V for tokens [0, num_tokens) as (2, Hkv, num_tokens, D) (a copy)."""
+        kv = self._entries[request_id].kv[:, layer]  # (n, 2, Hkv, C, D)
+        n = kv.shape[0]
+        flat = kv.permute(1, 2, 0, 3, 4).reshape(2, kv.shape[2], n * self.chunk_size, kv.shape[4])
+        return flat[:, :, :num_tokens]

@@ -1,0 +1,56 @@
+"""Shared test helpers: tiny random HF checkpoints and a dense reference path through our model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flashmemory.decode.chunk_pool import ChunkPool
+from flashmemory.decode.step import decode_step
+from flashmemory.model.llama import CausalLM
+from flashmemory.prefill.chunk_store import ChunkStore
+from flashmemory.prefill.runner import prefill
+
+TINY = dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def save_tiny(kind: str, path: Path, **extra: object) -> Path:
+    """Save a tiny random transformers model of ``kind`` to ``path``; return the directory."""
+    import transformers as tf
+
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+           "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+           "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[kind]
+    torch.manual_seed(0)
+    cfg = cls[0](**{**TINY, **extra})
+    model = cls[1](cfg).eval()
+    model.save_pretrained(path)
+    return path
+
+
+def store_and_pool(model: CausalLM, chunk_size: int) -> tuple[ChunkStore, ChunkPool]:
+    c = model.config
+    store = ChunkStore(c.num_layers, c.num_kv_heads, c.head_dim, chunk_size, model.dtype)
+    return store, ChunkPool(store.shape, model.dtype, initial_pages=2)
+
+
+def full_decode_logits(model: CausalLM, ids: list[int], num_prompt: int,
+                       chunk_size: int) -> torch.Tensor:
+    """Prefill ids[:num_prompt], then teacher-force the rest with every chunk resident.
+
+    Returns (len(ids) - num_prompt + 1, vocab) logits: prefill's last, then each decode step's.
+    """
+    store, pool = store_and_pool(model, chunk_size)
+    offsets = [(i, i + 1) for i in range(num_prompt)]
+    res = prefill(model, store, "r", ids[:num_prompt], offsets, "x" * num_prompt)
+    pool.open("r", num_prompt)
+    n = len(res.metas)
+    pool.load("r", list(range(n)), store.read("r", list(range(n))))
+    out = [res.logits]
+    for tok in ids[num_prompt:]:
+        out.append(decode_step(model, pool, [("r", tok)])[0])
+    return torch.stack(out)

@@ -1,0 +1,98 @@
+"""Chunk store and chunk pool bookkeeping, and LSA decode equal to full decode when all chunks
+are resident (tiny random Llama)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashmemory.decode.chunk_pool import ChunkPool, PoolExhaustedError
+from flashmemory.decode.step import decode_step
+from flashmemory.model.loader import load_model, resolve
+from flashmemory.prefill.chunk_store import ChunkStore
+from flashmemory.prefill.runner import prefill
+from tests.helpers import full_decode_logits, save_tiny, store_and_pool
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    return load_model(resolve(str(save_tiny("llama", tmp_path_factory.mktemp("llama")))))
+
+
+def test_store_spans_and_payload_layout() -> None:
+    store = ChunkStore(num_layers=2, num_kv_heads=1, head_dim=2, chunk_size=4)
+    text = "abcdefghij"
+    metas = store.allocate("r", 10, [(i, i + 1) for i in range(10)], text)
+    assert [(m.token_start, m.token_end) for m in metas] == [(0, 4), (4, 8), (8, 10)]
+    assert store.chunk_texts("r") == ["abcd", "efgh", "ij"]
+    k = torch.arange(10, dtype=torch.float32).view(10, 1, 1).expand(10, 1, 2)
+    store.write_layer("r", 1, 0, k, -k)
+    payload = store.read("r", [2, 0])  # (n, L, 2, Hkv, C, D), in the asked order
+    assert payload.shape == (2, 2, 2, 1, 4, 2)
+    assert payload[0, 1, 0, 0, :, 0].tolist() == [8, 9, 0, 0]  # partial chunk is zero-padded
+    assert payload[1, 1, 1, 0, :, 1].tolist() == [0, -1, -2, -3]
+    assert payload[:, 0].abs().sum() == 0  # layer 0 not written
+    with pytest.raises(ValueError, match="already has chunks"):
+        store.allocate("r", 3, [(0, 1)] * 3, "abc")
+    store.free("r")
+    assert "r" not in store and store.nbytes() == 0
+
+
+def test_pool_load_evict_grow_and_close() -> None:
+    pool = ChunkPool((1, 2, 1, 4, 2), torch.float32, initial_pages=2, max_pages=4)
+    pool.open("r", 10)  # 3 prompt chunks, the last partial
+    pool.load("r", [0, 2], torch.ones(2, 1, 2, 1, 4, 2))
+    assert pool.resident_tokens("r") == 4 + 2
+    page, slot = pool.ensure_slot("r")  # token 10 goes into chunk 2, slot 2
+    assert (page, slot) == (pool.tables["r"].pages[2], 2) and 2 in pool.tables["r"].pinned
+    with pytest.raises(ValueError, match="pinned"):
+        pool.evict("r", [2])
+    pool.evict("r", [0])
+    assert pool.pages_in_use() == 1
+    pool.load("r", [1, 0], torch.zeros(2, 1, 2, 1, 4, 2))  # grows 2 -> 4 pages
+    assert pool.num_pages == 4 and pool.pages_in_use() == 3
+    pool.open("s", 4)
+    pool.load("s", [0], torch.zeros(1, 1, 2, 1, 4, 2))
+    with pytest.raises(PoolExhaustedError):
+        pool.alloc(1)
+    pool.close("r")
+    pool.close("s")
+    assert pool.pages_in_use() == 0 and not pool.tables
+
+
+def test_decode_refuses_a_missing_tail_chunk() -> None:
+    pool = ChunkPool((1, 2, 1, 4, 2), torch.float32)
+    pool.open("r", 10)
+    with pytest.raises(ValueError, match="recency tail"):
+        pool.ensure_slot("r")
+
+
+@pytest.mark.parametrize("num_prompt,chunk", [(37, 8), (32, 8), (5, 16), (40, 1)])
+def test_all_resident_lsa_equals_dense(tiny, num_prompt: int, chunk: int) -> None:
+    """Teacher-forced decode over all chunks vs one dense forward over the whole sequence."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 257, (num_prompt + 12,)).tolist()
+    store, _ = store_and_pool(tiny, 1000)
+    dense = prefill(tiny, store, "d", ids, [(i, i + 1) for i in range(len(ids))], "x" * len(ids))
+    got = full_decode_logits(tiny, ids, num_prompt, chunk)
+    assert (got[-1] - dense.logits).abs().max().item() <= 1e-4
+
+
+def test_sparse_decode_only_sees_resident_chunks(tiny) -> None:
+    """Zeroing a non-resident chunk in the store changes nothing; a resident one does."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 257, (48,)).tolist()
+
+    def run(poison: int | None, resident: list[int]) -> torch.Tensor:
+        store, pool = store_and_pool(tiny, 8)
+        prefill(tiny, store, "r", ids, [(i, i + 1) for i in range(48)], "x" * 48)
+        if poison is not None:
+            store._entries["r"].kv[poison].normal_()
+        pool.open("r", 48)
+        pool.load("r", resident, store.read("r", resident))
+        pool.ensure_slot("r")
+        return decode_step(tiny, pool, [("r", 3)])[0]
+
+    base = run(None, [0, 3, 5])
+    assert torch.equal(run(2, [0, 3, 5]), base)
+    assert not torch.allclose(run(3, [0, 3, 5]), base)
