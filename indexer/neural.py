@@ -39,12 +39,15 @@ class NeuralIndexer:
     name = "lsa"
 
     def __init__(self, name: str = DEFAULT_INDEXER, device: str = "cpu",
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, overlap_chars: int = 120) -> None:
         from sentence_transformers import SentenceTransformer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.encoder = SentenceTransformer(str(resolve_indexer(name)), device=device)
         self.batch_size = batch_size
+        # Each chunk is embedded with the tail of the chunk before it, so a fact cut by a chunk
+        # boundary still reads whole in the chunk that holds its end.
+        self.overlap_chars = overlap_chars
         self.window_tokens = int(self.encoder.max_seq_length) - 2  # room for [CLS] / [SEP]
         self._chunks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -68,7 +71,8 @@ class NeuralIndexer:
         """Embed a request's chunks at prefill (every window of every chunk)."""
         texts, owner = [], []
         for i, t in enumerate(chunk_texts):
-            for w in self.windows(t) or [""]:
+            prev = chunk_texts[i - 1][-self.overlap_chars:] if i and self.overlap_chars else ""
+            for w in self.windows(prev + t) or [""]:
                 texts.append(w)
                 owner.append(i)
         self._chunks[request_id] = (self.embed(texts), torch.tensor(owner, dtype=torch.long))

@@ -84,9 +84,23 @@ def test_neural_indexer_ranks_the_relevant_chunk(minilm: NeuralIndexer) -> None:
              "Our accountant filed the quarterly tax report for the bakery on Tuesday.",
              "The secret launch code for the blue submarine is 7731.",
              "Children played football in the park while their parents had coffee."]
-    minilm.add_request("r", texts)
+    minilm.overlap_chars = 0
+    try:
+        minilm.add_request("r", texts)
+    finally:
+        minilm.overlap_chars = 120
     scores = minilm.chunk_scores("r", "What is the launch code of the submarine?")
     assert int(scores.argmax()) == 2
+    minilm.forget("r")
+
+
+def test_neural_indexer_overlap_keeps_a_fact_cut_by_a_chunk_boundary(minilm: NeuralIndexer) -> None:
+    filler = "The committee discussed the budget for road repairs and the new library hours. "
+    texts = [filler * 3 + "The secret launch code for the blue submarine",
+             " is 7731. " + filler * 3, filler * 3, filler * 3]
+    minilm.add_request("r", texts)
+    top2 = minilm.chunk_scores("r", "What is the launch code of the blue submarine?").topk(2)
+    assert sorted(top2.indices.tolist()) == [0, 1]  # the key's chunk and the value's chunk
     minilm.forget("r")
 
 
