@@ -1,0 +1,299 @@
+"""The ``flashmemory`` command line: ``generate`` (one prompt) and ``eval`` (NIAH benchmark).
+
+Console script entry point ``flashmemory.cli:main``; errors are one ``flashmemory: error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flashmemory.config import MODES, EngineConfig, LSAConfig, SamplingParams
+from flashmemory.types import RequestOutput
+
+if TYPE_CHECKING:
+    from flashmemory.engine import LLM
+
+PROG = "flashmemory"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+EXIT_RUNTIME, EXIT_USAGE = 1, 2
+
+
+class UsageError(Exception):
+    """A bad argument, found before any model is loaded (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage, so every error is a single line."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _quiet_libraries() -> None:
+    """Offline, no progress bars, errors only from transformers / sentence-transformers."""
+    for key, value in (("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_OFFLINE", "1"),
+                       ("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                       ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(key, value)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    for name in ("transformers", "sentence_transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# -- argument types -----------------------------------------------------------------------------
+def _csv(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {value!r}")
+    return items
+
+
+def _lengths(value: str) -> tuple[int, ...]:
+    """'4096,8k' -> (4096, 8192)."""
+    out = []
+    for item in _csv(value):
+        num, k = (item[:-1], 1024) if item.lower().endswith("k") else (item, 1)
+        try:
+            out.append(int(num) * k)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid length {item!r}") from None
+    return tuple(out)
+
+
+def _modes(value: str) -> tuple[str, ...]:
+    bad = [m for m in _csv(value) if m not in MODES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
+    return tuple(_csv(value))
+
+
+# -- parser -------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="alias, HF checkpoint directory or .gguf file (default: %(default)s)")
+    g.add_argument("--indexer", default="minilm", help="minilm or a sentence-transformers dir")
+    g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    g = p.add_argument_group("LSA")
+    g.add_argument("--budget", type=float, default=0.1, help="fraction of prompt chunks kept")
+    g.add_argument("--budget-tokens", type=int, help="token budget (overrides --budget)")
+    g.add_argument("--threshold", type=float, help="minimum selector score")
+    g.add_argument("--chunk-size", type=int, default=64)
+    g.add_argument("--recent-tokens", type=int, default=128)
+    g.add_argument("--sink-chunks", type=int, default=1)
+    g.add_argument("--repredict-every", type=int, default=64)
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Lookahead Sparse Attention inference.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,eval}")
+    gen = sub.add_parser("generate", help="answer one prompt")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt-file", help="file holding the prompt ('-' = stdin)")
+    src.add_argument("--prompt", help="the prompt text")
+    gen.add_argument("--mode", choices=MODES, default="lsa")
+    _common(gen)
+    g = gen.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="no chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.set_defaults(func=_cmd_generate)
+
+    ev = sub.add_parser("eval", help="run a long-context benchmark over LSA modes")
+    ev.add_argument("--suite", default="ruler-niah", help="benchmark suite (ruler-niah)")
+    ev.add_argument("--lengths", type=_lengths, default=(4096, 8192), help="e.g. 4096,8k")
+    ev.add_argument("--modes", type=_modes, default=MODES, help="e.g. full,lsa,recency")
+    ev.add_argument("--samples", type=int, default=5, help="samples per length")
+    ev.add_argument("--out", required=True, type=Path, help="output directory")
+    ev.add_argument("--overwrite", action="store_true", help="replace existing results in --out")
+    ev.add_argument("--max-tokens", type=int, default=64,
+                    help="tokens to generate (a UUID answer needs ~40)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--value-kinds", type=_csv, default=["numbers", "uuids"])
+    ev.add_argument("--distractors", type=int, default=3)
+    _common(ev)
+    ev.set_defaults(func=_cmd_eval)
+    return parser
+
+
+# -- config building (all before the model loads) -----------------------------------------------
+def _lsa(args: argparse.Namespace, mode: str, seed: int | None) -> LSAConfig:
+    return LSAConfig(mode=mode, chunk_size=args.chunk_size,  # type: ignore[arg-type]
+                     budget=args.budget, budget_tokens=args.budget_tokens,
+                     threshold=args.threshold, sink_chunks=args.sink_chunks,
+                     recent_tokens=args.recent_tokens, repredict_every=args.repredict_every,
+                     seed=seed or 0)
+
+
+def _engine(args: argparse.Namespace, lsa: LSAConfig, uses_indexer: bool) -> EngineConfig:
+    """EngineConfig plus the cheap checks: model and indexer resolvable."""
+    from flashmemory.model.loader import resolve
+
+    cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                       indexer=args.indexer, lsa=lsa)
+    resolve(cfg.model)
+    if uses_indexer:
+        from flashmemory.indexer.neural import resolve_indexer
+
+        resolve_indexer(cfg.indexer)
+    return cfg
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.prompt_file == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UsageError(f"prompt file {args.prompt_file!r} not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read prompt file {args.prompt_file!r}: {exc}") from None
+    if not text.strip():
+        raise UsageError("the prompt is empty")
+    return text
+
+
+def _load(cfg: EngineConfig) -> LLM:
+    from flashmemory.engine import LLM
+
+    logging.getLogger(__name__).info("loading %s", cfg.model)
+    return LLM(config=cfg)
+
+
+# -- generate -----------------------------------------------------------------------------------
+def _cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
+    try:
+        text = _read_prompt(args)
+        sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                  stop=tuple(args.stop))
+        lsa = _lsa(args, args.mode, args.seed)
+        cfg = _engine(args, lsa, uses_indexer=args.mode == "lsa")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    llm = _load(cfg)
+    run = llm.generate if args.raw else llm.chat
+    out = run(text, sampling, lsa)[0]
+    if args.json:
+        print(json.dumps(generate_json(out, cfg.model)))
+    else:
+        print(out.text)
+        print()
+        print(format_stats(out))
+    return 0
+
+
+def generate_json(out: RequestOutput, model: str) -> dict[str, Any]:
+    """The ``generate --json`` object: text, finish_reason, mode, usage, timing."""
+    stats = asdict(out.stats)
+    timing = {k: stats.pop(k) for k in ("ttft", "tpot", "e2e")}
+    return {"text": out.text, "finish_reason": out.finish_reason, "mode": out.mode,
+            "model": model, "usage": stats, "timing": timing}
+
+
+def format_stats(out: RequestOutput) -> str:
+    st = out.stats
+    return "\n".join([
+        f"--- {out.mode} | finish: {out.finish_reason}",
+        f"tokens      prompt {st.prompt_tokens} ({st.num_prompt_chunks} chunks), "
+        f"completion {st.completion_tokens}",
+        f"KV resident mean {100 * st.kv_footprint_mean:.1f}%, "
+        f"peak {100 * st.kv_footprint_peak:.1f}% of full",
+        f"KV moved    {st.kv_bytes_transferred / 2**20:.2f} MiB "
+        f"({100 * st.transfer_ratio:.1f}% of prompt KV), "
+        f"{st.chunks_selected:.1f} chunks selected x {st.repredictions} re-predictions",
+        f"timing      TTFT {st.ttft:.3f} s, TPOT {1000 * st.tpot:.1f} ms, e2e {st.e2e:.3f} s",
+    ])
+
+
+# -- eval ---------------------------------------------------------------------------------------
+def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
+    from flashmemory.evaluation.runner import RESULTS_FILE, EvalConfig, run_eval
+
+    try:
+        lsa = _lsa(args, "lsa", args.seed)
+        ecfg = EvalConfig(out_dir=args.out, suite=args.suite, lengths=args.lengths,
+                          modes=args.modes, samples=args.samples, seed=args.seed, lsa=lsa,
+                          max_tokens=args.max_tokens, value_kinds=tuple(args.value_kinds),
+                          distractors=args.distractors,
+                          command=shlex.join([PROG, *argv]))
+        cfg = _engine(args, lsa, uses_indexer="lsa" in ecfg.modes)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if (args.out / RESULTS_FILE).exists() and not args.overwrite:
+        raise UsageError(f"{args.out / RESULTS_FILE} exists; pass --overwrite to replace it")
+    result = run_eval(_load(cfg), ecfg)
+    print(result.table)
+    print(f"\nresults: {result.results_path}\nsummary: {result.summary_path}")
+    return 0
+
+
+# -- entry point --------------------------------------------------------------------------------
+def _error(message: object) -> None:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, run, and turn every failure into one stderr line: 2 = usage, 1 = runtime."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        _error(exc)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("flashmemory").setLevel(logging.INFO)
+    _quiet_libraries()
+    try:
+        return int(args.func(args, argv))
+    except UsageError as exc:
+        _error(exc)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except ValueError as exc:  # PromptTooLongError and other bad-input errors found at run time
+        if args.debug:
+            traceback.print_exc()
+        _error(exc)
+        return EXIT_RUNTIME
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        hint = "" if args.debug else " (run with --debug for the traceback)"
+        _error(f"unexpected {type(exc).__name__}: {exc}{hint}")
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

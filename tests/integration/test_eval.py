@@ -1,0 +1,157 @@
+"""Integration tests of the evaluation runner against the real SmolLM2 engine (CPU, ~1 min).
+
+One LLM and one small NIAH run (1024 tokens, 2 samples, full/lsa/recency) shared by the module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pyarrow.parquet as pq
+
+from flashmemory.config import LSAConfig
+from flashmemory.engine import LLM
+from flashmemory.evaluation.niah import generate_niah
+from flashmemory.evaluation.runner import (
+    SCHEMA,
+    EvalConfig,
+    EvalResult,
+    _plan,
+    check_lengths,
+    format_table,
+    run_eval,
+    summarize,
+    tokenize_sample,
+)
+from flashmemory.types import PromptTooLongError
+
+MODES = ("full", "lsa", "recency")
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(model="smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def result(llm: LLM, tmp_path_factory: pytest.TempPathFactory) -> EvalResult:
+    cfg = EvalConfig(out_dir=tmp_path_factory.mktemp("eval"), lengths=(1024,), modes=MODES,
+                     samples=2, max_tokens=16, value_kinds=("numbers",),
+                     lsa=LSAConfig(budget=0.1, chunk_size=64),
+                     command="pytest")
+    return run_eval(llm, cfg, progress=False)
+
+
+def test_parquet_rows_and_schema(result: EvalResult) -> None:
+    table = pq.read_table(result.results_path)
+    assert table.num_rows == 2 * len(MODES) == len(result.rows)
+    assert table.schema.names == SCHEMA.names
+    rows = table.to_pylist()
+    assert sorted({r["mode"] for r in rows}) == sorted(MODES)
+    assert len({r["sample_id"] for r in rows}) == 2
+    assert not list(result.results_path.parent.glob("*.tmp"))
+    for r in rows:
+        assert r["length"] == 1024 and r["suite"] == "ruler-niah"
+        assert 0.0 <= r["score"] <= 1.0 and r["answers"]
+        assert 0 < r["prompt_tokens"] <= 1024 - 16
+        assert 1 <= r["completion_tokens"] <= 16
+        assert r["ttft"] > 0 and r["tpot"] >= 0
+        assert (r["budget"] is None) == (r["mode"] == "full")
+
+
+def test_modes_share_one_prompt(result: EvalResult) -> None:
+    by_sample: dict[str, set[int]] = {}
+    for r in result.rows:
+        by_sample.setdefault(r["sample_id"], set()).add(r["prompt_tokens"])
+    assert all(len(v) == 1 for v in by_sample.values())
+
+
+def test_footprints(result: EvalResult) -> None:
+    def mean(mode: str, key: str) -> float:
+        vals = [r[key] for r in result.rows if r["mode"] == mode]
+        return sum(vals) / len(vals)
+
+    assert mean("full", "kv_footprint_mean") == pytest.approx(1.0)
+    assert mean("full", "transfer_ratio") == pytest.approx(1.0)
+    for mode in ("lsa", "recency"):
+        assert 0.0 < mean(mode, "kv_footprint_mean") < mean("full", "kv_footprint_mean")
+        assert mean(mode, "kv_footprint_peak") < 1.0
+        assert 0.0 < mean(mode, "transfer_ratio") < 1.0
+
+
+def test_summary(result: EvalResult) -> None:
+    text = result.summary_path.read_text()
+    assert result.table in text and "Δ vs full" in text and "- command: `pytest`" in text
+    table_rows = result.table.splitlines()[2:]
+    assert len(table_rows) == len(MODES)
+    for mode, line in zip(MODES, table_rows, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:3] == ["1024", mode, "2"]
+        assert cells[4] == "—" if mode == "full" else cells[4][0] in "+-"
+
+
+def test_prompt_has_no_duplicated_special_tokens(llm: LLM) -> None:
+    sample = generate_niah(llm.tokenizer, length=512, num_samples=1, tokens_to_generate=16)[0]
+    prompt = tokenize_sample(llm, sample, chat=True)
+    assert len(prompt.token_ids) == sample.num_tokens
+    assert prompt.text.endswith(sample.answer_prefix)
+    start = llm.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert prompt.token_ids[0] == start and prompt.token_ids[1] != start
+    assert "What is the special magic" in prompt.query and len(prompt.query) <= 400
+    assert len(prompt.offsets) == len(prompt.token_ids)
+
+
+def test_warns_when_answers_cannot_fit(llm: LLM, tmp_path: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    cfg = EvalConfig(out_dir=tmp_path, lengths=(512,), samples=2, max_tokens=16)
+    with caplog.at_level(logging.WARNING, logger="flashmemory.evaluation.runner"):
+        plan = _plan(llm, cfg)
+    assert len(plan) == 2 and "raise --max-tokens" in caplog.text
+    assert not list(tmp_path.iterdir())
+
+
+def test_too_long_length_fails_before_work(llm: LLM, tmp_path: Path) -> None:
+    cfg = EvalConfig(out_dir=tmp_path / "out", lengths=(1024, 2 * llm.max_model_len), samples=1)
+    with pytest.raises(PromptTooLongError, match="exceeds the model's context"):
+        run_eval(llm, cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+    check_lengths(EvalConfig(out_dir=tmp_path, lengths=(llm.max_model_len,)), llm.max_model_len)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"suite": "mmlu"}, "unknown suite"),
+    ({"modes": ("full", "fast")}, "modes must be"),
+    ({"modes": ("full", "full")}, "modes must be"),
+    ({"samples": 0}, "samples must be"),
+    ({"lengths": ()}, "lengths must be"),
+    ({"value_kinds": ("words",)}, "value kinds"),
+])
+def test_config_validation(tmp_path: Path, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        EvalConfig(out_dir=tmp_path, **kwargs)
+
+
+def test_summary_math_without_model() -> None:
+    def row(length: int, mode: str, score: float, fp: float) -> dict[str, Any]:
+        return {"length": length, "mode": mode, "score": score, "kv_footprint_mean": fp,
+                "kv_footprint_peak": fp, "transfer_ratio": fp, "ttft": 1.0, "tpot": 0.02}
+
+    rows = [row(1024, "full", 1.0, 1.0), row(1024, "lsa", 0.0, 0.2), row(1024, "full", 1.0, 1.0),
+            row(1024, "lsa", 1.0, 0.3), row(2048, "full", 0.0, 1.0), row(2048, "lsa", 1.0, 0.1)]
+    aggs = {(a["length"], a["mode"]): a for a in summarize(rows)}
+    assert aggs[("1024", "lsa")]["accuracy"] == pytest.approx(50.0)
+    assert aggs[("1024", "lsa")]["delta"] == pytest.approx(-50.0)
+    assert aggs[("2048", "lsa")]["delta"] == pytest.approx(100.0)
+    assert aggs[("all", "lsa")]["n"] == 3
+    assert aggs[("1024", "lsa")]["kv_mean"] == pytest.approx(25.0)
+    table = format_table(summarize(rows))
+    assert "| 1024 | lsa | 2 | 50.0 | -50.0 | 25.0 |" in table
+    no_full = format_table(summarize([r for r in rows if r["mode"] == "lsa"]))
+    assert "Δ vs full" not in no_full
