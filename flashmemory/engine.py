@@ -51,6 +51,8 @@ class LLM:
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         self._indexer: Any = None
         self._ids = itertools.count()
+        if cfg.lsa.mode == "lsa":
+            _ = self.indexer  # load the encoder now, not inside the first request's TTFT
 
     # -- prompts ------------------------------------------------------------------------------
     def tokenize(self, prompt: str | Messages, chat: bool, query_chars: int = 400) -> Prompt:
