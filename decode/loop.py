@@ -7,6 +7,7 @@ ones), run one batched decode step, sample, and retire finished sequences. Used 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from flashmemory.config import LSAConfig, SamplingParams
 from flashmemory.decode.chunk_pool import ChunkPool
 from flashmemory.decode.step import AttentionRecorder, decode_step
-from flashmemory.indexer.base import Budget, SelectionRequest, Selector, fixed_chunks, pick
+from flashmemory.indexer.base import ResidencyState, Selector, plan_resident
 from flashmemory.model.llama import CausalLM
 from flashmemory.prefill.chunk_store import ChunkStore
 from flashmemory.sampling import find_stop, sample
@@ -48,62 +49,98 @@ class Sequence:
         return self.out[-1]
 
 
-class DecodeLoop:
-    """Runs sequences to completion over a chunk pool fed from a chunk store."""
+Fetch = Callable[[Sequence, list[int]], torch.Tensor]  # (seq, chunk ids) -> payload
+Select = Callable[[Sequence, ResidencyState], tuple[set[int], int]]
 
-    def __init__(self, model: CausalLM, store: ChunkStore, pool: ChunkPool, tokenizer: Any,
-                 eos_ids: set[int], max_model_len: int) -> None:
-        self.model, self.store, self.pool, self.tokenizer = model, store, pool, tokenizer
+
+class DecodeLoop:
+    """Continuous batching over a chunk pool: ``add`` sequences at any time, ``step`` them all.
+
+    Where chunks come from and who selects them is injected: the engine reads its own chunk store
+    and runs the selector in-process; a cluster decode worker asks the indexer actor and receives
+    chunks over the transport.
+    """
+
+    def __init__(self, model: CausalLM, pool: ChunkPool, tokenizer: Any, eos_ids: set[int],
+                 max_model_len: int, fetch: Fetch, select: Select | None = None) -> None:
+        self.model, self.pool, self.tokenizer = model, pool, tokenizer
         self.eos_ids, self.max_model_len = eos_ids, max_model_len
+        self.fetch = fetch
+        self.select: Select = select or (
+            lambda s, st: plan_resident(s.lsa, s.selector, st, self.pool.chunk_size))
+        self.active: list[Sequence] = []
+
+    @classmethod
+    def local(cls, model: CausalLM, store: ChunkStore, pool: ChunkPool, tokenizer: Any,
+              eos_ids: set[int], max_model_len: int) -> DecodeLoop:
+        """A loop whose chunks come straight from an in-process chunk store."""
+        return cls(model, pool, tokenizer, eos_ids, max_model_len,
+                   lambda s, ids: store.read(s.store_id, ids))
 
     def run(self, seqs: list[Sequence], first_logits: dict[str, torch.Tensor],
             recorder: AttentionRecorder | None = None) -> list[RequestOutput]:
         """Decode every sequence until it stops; frees each one's pages whatever happens."""
         try:
             for s in seqs:
-                self.pool.open(s.rid, len(s.prompt.token_ids))
-                self._emit(s, sample(first_logits[s.store_id], s.params, s.gen))
-                s.first_token_at = time.perf_counter()
-            active = [s for s in seqs if s.finish is None]
-            while active:
-                for s in active:
-                    if s.steps % s.lsa.repredict_every == 0:
-                        self.repredict(s)
-                batch = [(s.rid, s.last_token) for s in active]
-                logits = decode_step(self.model, self.pool, batch, recorder)
-                for s, lg in zip(active, logits, strict=True):
-                    s.steps += 1
-                    table = self.pool.tables[s.rid]
-                    s.footprints.append(self.pool.resident_tokens(s.rid) / table.num_tokens)
-                    self._emit(s, sample(lg, s.params, s.gen))
-                active = [s for s in active if s.finish is None]
-            return [self._output(s) for s in seqs]
+                self.add(s, first_logits[s.store_id])
+            while self.active:
+                self.step(recorder)
+            return [self.output(s) for s in seqs]
         finally:
             for s in seqs:
-                self.pool.close(s.rid)
+                self.abort(s)
+
+    def add(self, s: Sequence, first_logits: torch.Tensor) -> None:
+        """Admit a prefilled sequence: sample its first token and open its resident table."""
+        self.pool.open(s.rid, len(s.prompt.token_ids))
+        self._emit(s, sample(first_logits, s.params, s.gen))
+        s.first_token_at = time.perf_counter()
+        if s.finish is None:
+            self.active.append(s)
+        else:
+            self.pool.close(s.rid)
+
+    def abort(self, s: Sequence) -> None:
+        """Drop a sequence (finished, failed or cancelled) and free its pages."""
+        if s in self.active:
+            self.active.remove(s)
+        self.pool.close(s.rid)
+
+    def step(self, recorder: AttentionRecorder | None = None) -> list[Sequence]:
+        """One decode step for every active sequence; returns those that finished (closed)."""
+        # 1. re-predict the resident set of sequences that are due
+        for s in self.active:
+            if s.steps % s.lsa.repredict_every == 0:
+                self.repredict(s)
+        # 2. one batched forward over resident chunks only
+        batch = [(s.rid, s.last_token) for s in self.active]
+        logits = decode_step(self.model, self.pool, batch, recorder)
+        # 3. sample, measure, retire
+        done = []
+        for s, lg in zip(list(self.active), logits, strict=True):
+            s.steps += 1
+            table = self.pool.tables[s.rid]
+            s.footprints.append(self.pool.resident_tokens(s.rid) / table.num_tokens)
+            self._emit(s, sample(lg, s.params, s.gen))
+            if s.finish is not None:
+                done.append(s)
+                self.abort(s)
+        return done
 
     def repredict(self, s: Sequence) -> None:
         """Choose the resident set, then evict dropped chunks and fetch new ones."""
-        lsa, table, c = s.lsa, self.pool.tables[s.rid], self.pool.chunk_size
+        table = self.pool.tables[s.rid]
         n = table.num_prompt_chunks
-        # 1. fixed part: sink, recency tail (incl. the token about to be written), pinned chunks
-        fixed = fixed_chunks(n, table.num_tokens + 1, c, lsa.sink_chunks, lsa.recent_tokens)
-        fixed |= {i for i in table.pinned if i < n}
-        # 2. selected part: the selector ranks the other prompt chunks under the budget
-        budget = Budget(None if lsa.budget_tokens is not None else lsa.budget, lsa.budget_tokens,
-                        lsa.threshold)
-        cands = [i for i in range(n) if i not in fixed]
-        req = SelectionRequest(s.store_id, n, cands, budget.num_chunks(n, c), s.steps,
-                               self._query(s))
-        chosen = pick(s.selector.scores(req), req, lsa.threshold) if cands else []
-        s.selected.append(len(chosen))
-        # 3. move the delta: evict first (frees pages), then one batched fetch
-        target = fixed | set(chosen)
+        state = ResidencyState(s.store_id, n, table.num_tokens + 1, frozenset(table.pinned),
+                               s.steps, self._query(s))
+        target, chosen = self.select(s, state)
+        s.selected.append(chosen)
+        # move the delta: evict first (frees pages), then one batched fetch
         resident = {i for i in table.pages if i < n}
         self.pool.evict(s.rid, sorted(resident - target - table.pinned))
         fetch = sorted(target - resident)
         if fetch:
-            payload = self.store.read(s.store_id, fetch)
+            payload = self.fetch(s, fetch)
             self.pool.load(s.rid, fetch, payload)
             s.bytes_moved += payload.numel() * payload.element_size()
 
@@ -126,7 +163,7 @@ class DecodeLoop:
               or len(s.prompt.token_ids) + len(s.out) >= self.max_model_len):
             s.finish = "length"
 
-    def _output(self, s: Sequence) -> RequestOutput:
+    def output(self, s: Sequence) -> RequestOutput:
         end = time.perf_counter()
         n_chunks = -(-len(s.prompt.token_ids) // self.pool.chunk_size)
         full_bytes = n_chunks * self.pool.page_bytes

@@ -183,8 +183,8 @@ class LLM:
 
     def _decode(self, seqs: list[Sequence], firsts: dict[str, torch.Tensor],
                 recorder: AttentionRecorder | None = None) -> list[RequestOutput]:
-        loop = DecodeLoop(self.model, self.store, self.pool, self.tokenizer, self.eos_ids,
-                          self.max_model_len)
+        loop = DecodeLoop.local(self.model, self.store, self.pool, self.tokenizer, self.eos_ids,
+                                self.max_model_len)
         return loop.run(seqs, firsts, recorder)
 
     def _release(self, store_id: str) -> None:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from flashmemory.config import LSAConfig
 
 
 @dataclass(frozen=True)
@@ -80,3 +83,32 @@ def fixed_chunks(num_prompt_chunks: int, num_tokens: int, chunk_size: int, sink_
     first_recent = max(0, num_tokens - max(recent_tokens, 1)) // chunk_size
     last = (num_tokens - 1) // chunk_size
     return sink | set(range(first_recent, min(last, num_prompt_chunks - 1) + 1))
+
+
+@dataclass(frozen=True)
+class ResidencyState:
+    """A request's decode-side state that the resident-set decision depends on."""
+
+    store_id: str  # the request's id in the chunk store / indexer
+    num_prompt_chunks: int
+    num_tokens: int  # sequence length including the token about to be written
+    pinned: frozenset[int]  # chunks decode writes into
+    step: int  # decode steps done
+    query: str  # lookahead query
+
+
+def plan_resident(lsa: LSAConfig, selector: Selector, state: ResidencyState,
+                  chunk_size: int) -> tuple[set[int], int]:
+    """Target resident prompt chunks (sink + tail + pinned + selected), and how many selected."""
+    n = state.num_prompt_chunks
+    # 1. fixed part: sink, recency tail, pinned chunks
+    fixed = fixed_chunks(n, state.num_tokens, chunk_size, lsa.sink_chunks, lsa.recent_tokens)
+    fixed |= {i for i in state.pinned if i < n}
+    # 2. selected part: the selector ranks the other prompt chunks under the budget
+    budget = Budget(None if lsa.budget_tokens is not None else lsa.budget, lsa.budget_tokens,
+                    lsa.threshold)
+    cands = [i for i in range(n) if i not in fixed]
+    req = SelectionRequest(state.store_id, n, cands, budget.num_chunks(n, chunk_size),
+                           state.step, state.query)
+    chosen = pick(selector.scores(req), req, lsa.threshold) if cands else []
+    return fixed | set(chosen), len(chosen)

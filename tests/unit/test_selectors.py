@@ -126,7 +126,7 @@ def test_repredict_fetches_new_and_evicts_dropped(tmp_path) -> None:
                     repredict_every=4, oracle_window=4)
     seq = Sequence("s", "p", prompt, SamplingParams(max_tokens=9, ignore_eos=True), lsa,
                    OracleSelector({"p": [a] * 4 + [b] * 8}, 4), time.perf_counter())
-    loop = DecodeLoop(model, store, pool, _NoTok(), set(), 512)
+    loop = DecodeLoop.local(model, store, pool, _NoTok(), set(), 512)
     pool.open("s", 80)
     seq.out.append(1)
     loop.repredict(seq)
