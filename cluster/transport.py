@@ -1,15 +1,17 @@
 """Chunk transport: moves one request's selected chunks from a prefill worker to a decode worker.
 
 Call order for one transfer (the decode side pulls, following a plan from the indexer):
-  1. decode worker: ``ref = prefill.send_chunks.remote(plan)`` (prefill reads the chunks from its
-     store and calls ``transport.send(plan, payload)``);
-  2. decode worker: ``payload = transport.recv(plan, ref)``, which completes the transfer (a p2p
-     receive matched with the send, or a handle opened) and surfaces the sender's errors;
-  3. decode worker: ``pool.load(request, plan.chunk_ids, payload)``.
+  1. decode: ``transport.recv(plan, sender)`` asks the prefill worker to stage the payload
+     (``sender.stage_chunks(plan)`` -> ``transport.stage(plan, payload)`` there). Errors on the
+     prefill side (unknown request, a timeout) surface here before any collective is posted.
+  2. torch p2p only: ``sender.send_chunks(plan)`` -> ``transport.send(plan)`` posts the send
+     while the decode side posts the matching receive; one message per transfer.
+  3. decode: ``pool.load(request, plan.chunk_ids, payload)``; then ``sender.release_transfer``.
+Staging first matters: a gloo receive that times out closes the pair of ranks for good, so a
+receive is only posted once the sender holds the payload.
 Two implementations: ``TorchDistTransport`` (torch.distributed p2p: gloo on CPU, NCCL between
-GPUs; one message per transfer) and ``IpcTransport`` (same host/device: Ray's shared-memory
-object store for CPU tensors, CUDA IPC handles for GPU tensors; needed because NCCL refuses two
-ranks on one GPU).
+GPUs) and ``IpcTransport`` (same host: Ray's shared-memory object store for CPU tensors, CUDA IPC
+handles for GPU tensors; needed because NCCL refuses two ranks on one GPU).
 """
 
 from __future__ import annotations
@@ -56,13 +58,36 @@ class TransferPlan:
 class ChunkTransport(Protocol):
     """Both sides of a chunk transfer; see the module docstring for the call order."""
 
-    def send(self, plan: TransferPlan, payload: torch.Tensor) -> Any:
-        """Prefill side. Returns what ``recv`` needs from the sender (or None)."""
+    def stage(self, plan: TransferPlan, payload: torch.Tensor) -> Any:
+        """Prefill side: hold the payload; returns what the receiver needs (IPC: a handle)."""
         ...
 
-    def recv(self, plan: TransferPlan, send_ref: Any) -> torch.Tensor:
-        """Decode side. ``send_ref`` is the Ray ObjectRef of the sender's ``send_chunks`` call."""
+    def send(self, plan: TransferPlan) -> None:
+        """Prefill side: move the staged payload (p2p send; a no-op for IPC)."""
         ...
+
+    def release(self, transfer_id: int) -> None:
+        """Prefill side: drop a staged payload."""
+        ...
+
+    def recv(self, plan: TransferPlan, sender: Any) -> torch.Tensor:
+        """Decode side: run the transfer with ``sender`` (the prefill worker's actor handle)."""
+        ...
+
+
+def _check(plan: TransferPlan, payload: torch.Tensor) -> None:
+    if tuple(payload.shape) != plan.shape:
+        raise TransferError(f"payload {tuple(payload.shape)} != plan {plan.shape}")
+
+
+def _staged(plan: TransferPlan, sender: Any) -> Any:
+    import ray
+
+    try:
+        return ray.get(sender.stage_chunks.remote(plan), timeout=plan.timeout_s)
+    except Exception as e:
+        raise TransferError(f"transfer {plan.transfer_id} of {plan.request_id!r} could not be "
+                            f"staged: {type(e).__name__}: {e}") from e
 
 
 class TorchDistTransport:
@@ -70,6 +95,7 @@ class TorchDistTransport:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self._staged: dict[int, torch.Tensor] = {}
 
     @staticmethod
     def init_group(backend: str, init_method: str, rank: int, world_size: int,
@@ -82,24 +108,30 @@ class TorchDistTransport:
                                     world_size=world_size,
                                     timeout=dt.timedelta(seconds=timeout_s))
 
-    def send(self, plan: TransferPlan, payload: torch.Tensor) -> None:
+    def stage(self, plan: TransferPlan, payload: torch.Tensor) -> None:
+        _check(plan, payload)
+        self._staged[plan.transfer_id] = payload.contiguous()
+
+    def send(self, plan: TransferPlan) -> None:
         import torch.distributed as dist
 
-        if tuple(payload.shape) != plan.shape:
-            raise TransferError(f"payload {tuple(payload.shape)} != plan {plan.shape}")
-        work = dist.isend(payload.contiguous(), dst=plan.dst_rank, tag=plan.transfer_id)
-        _wait(work, plan, "send")
+        payload = self._staged.pop(plan.transfer_id)
+        _wait(dist.isend(payload, dst=plan.dst_rank, tag=plan.transfer_id), plan, "send")
 
-    def recv(self, plan: TransferPlan, send_ref: Any) -> torch.Tensor:
+    def release(self, transfer_id: int) -> None:
+        self._staged.pop(transfer_id, None)
+
+    def recv(self, plan: TransferPlan, sender: Any) -> torch.Tensor:
         import ray
         import torch.distributed as dist
 
+        _staged(plan, sender)
+        ref = sender.send_chunks.remote(plan)
         buf = torch.empty(plan.shape, dtype=getattr(torch, plan.dtype), device=self.device)
-        work = dist.irecv(buf, src=plan.src_rank, tag=plan.transfer_id)
-        _wait(work, plan, "recv")
+        _wait(dist.irecv(buf, src=plan.src_rank, tag=plan.transfer_id), plan, "recv")
         try:
-            ray.get(send_ref, timeout=plan.timeout_s)
-        except Exception as e:  # the sender's own failure, if any
+            ray.get(ref, timeout=plan.timeout_s)
+        except Exception as e:
             raise TransferError(f"transfer {plan.transfer_id} sender failed: {e}") from e
         return buf
 
@@ -112,9 +144,8 @@ class IpcTransport:
         self.device = device
         self._held: dict[int, torch.Tensor] = {}  # CUDA payloads kept alive until received
 
-    def send(self, plan: TransferPlan, payload: torch.Tensor) -> Any:
-        if tuple(payload.shape) != plan.shape:
-            raise TransferError(f"payload {tuple(payload.shape)} != plan {plan.shape}")
+    def stage(self, plan: TransferPlan, payload: torch.Tensor) -> Any:
+        _check(plan, payload)
         if payload.is_cuda:
             from torch.multiprocessing.reductions import reduce_tensor
 
@@ -122,19 +153,16 @@ class IpcTransport:
             return reduce_tensor(payload)
         return payload.contiguous()  # Ray stores it in shared memory; the reader maps it
 
+    def send(self, plan: TransferPlan) -> None:
+        return None
+
     def release(self, transfer_id: int) -> None:
-        """Prefill side: drop a CUDA payload once the decode side has copied it."""
         self._held.pop(transfer_id, None)
 
-    def recv(self, plan: TransferPlan, send_ref: Any) -> torch.Tensor:
-        import ray
-
-        try:
-            handle = ray.get(send_ref, timeout=plan.timeout_s)
-        except Exception as e:
-            raise TransferError(f"transfer {plan.transfer_id} failed: {e}") from e
+    def recv(self, plan: TransferPlan, sender: Any) -> torch.Tensor:
+        handle = _staged(plan, sender)
         if isinstance(handle, torch.Tensor):
-            return handle.to(self.device)
+            return handle.to(self.device, copy=True)
         rebuild, args = handle
         return rebuild(*args).to(self.device, copy=True)
 

@@ -6,6 +6,7 @@ ones), run one batched decode step, sample, and retire finished sequences. Used 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from flashmemory.model.llama import CausalLM
 from flashmemory.prefill.chunk_store import ChunkStore
 from flashmemory.sampling import find_stop, sample
 from flashmemory.types import Prompt, RequestOutput, RequestStats
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Sequence:
     bytes_moved: int = 0
     first_token_at: float = 0.0
     steps: int = 0
+    error: str | None = None
 
     @property
     def last_token(self) -> int:
@@ -90,10 +94,10 @@ class DecodeLoop:
             for s in seqs:
                 self.abort(s)
 
-    def add(self, s: Sequence, first_logits: torch.Tensor) -> None:
-        """Admit a prefilled sequence: sample its first token and open its resident table."""
+    def add(self, s: Sequence, first: torch.Tensor | int) -> None:
+        """Admit a prefilled sequence with its first token (or the logits to sample it from)."""
         self.pool.open(s.rid, len(s.prompt.token_ids))
-        self._emit(s, sample(first_logits, s.params, s.gen))
+        self._emit(s, first if isinstance(first, int) else sample(first, s.params, s.gen))
         s.first_token_at = time.perf_counter()
         if s.finish is None:
             self.active.append(s)
@@ -108,15 +112,23 @@ class DecodeLoop:
 
     def step(self, recorder: AttentionRecorder | None = None) -> list[Sequence]:
         """One decode step for every active sequence; returns those that finished (closed)."""
-        # 1. re-predict the resident set of sequences that are due
-        for s in self.active:
+        # 1. re-predict the resident set of sequences that are due; a failure fails that one
+        done = []
+        for s in list(self.active):
             if s.steps % s.lsa.repredict_every == 0:
-                self.repredict(s)
+                try:
+                    self.repredict(s)
+                except Exception as e:  # transfer/selection failure: fail this request only
+                    logger.warning("request %s failed at re-prediction: %s", s.rid, e)
+                    s.finish, s.error = "error", f"{type(e).__name__}: {e}"
+                    done.append(s)
+                    self.abort(s)
+        if not self.active:
+            return done
         # 2. one batched forward over resident chunks only
         batch = [(s.rid, s.last_token) for s in self.active]
         logits = decode_step(self.model, self.pool, batch, recorder)
         # 3. sample, measure, retire
-        done = []
         for s, lg in zip(list(self.active), logits, strict=True):
             s.steps += 1
             table = self.pool.tables[s.rid]

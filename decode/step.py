@@ -28,7 +28,11 @@ class DecodeSlot:
 
 
 class AttentionRecorder:
-    """Accumulates per-chunk attention mass of each step (mean over layers and query heads)."""
+    """Per step, each chunk's peak attention mass over layers and query heads.
+
+    The peak (not the mean) is kept because a few retrieval heads decide what a request needs;
+    averaged over all heads their signal drowns in heads that attend to sinks and recent tokens.
+    """
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
@@ -43,7 +47,8 @@ class AttentionRecorder:
             if acc is not None:
                 grown[: acc.numel()] = acc
             acc = grown
-        acc.index_add_(0, chunks.cpu(), mass.float().cpu() / self.num_layers)
+        idx = chunks.cpu()
+        acc[idx] = torch.maximum(acc[idx], mass.float().cpu())
         self.current[request_id] = acc
 
     def end_step(self) -> None:
@@ -88,10 +93,11 @@ class DecodeBackend:
         hq, hkv = q.shape[1], k.shape[0]
         kk = k.repeat_interleave(hq // hkv, dim=0)  # (Hq, T, D)
         probs = torch.softmax((q[0] @ kk.transpose(1, 2)) * q.shape[-1] ** -0.5, dim=-1)
-        per_tok = probs[:, 0].mean(0)  # (T,) mean over query heads
-        padded = torch.zeros(n * c, dtype=per_tok.dtype)
-        padded[: per_tok.numel()] = per_tok.cpu()
-        self.recorder.add(s.request_id, s.chunks, padded.view(n, c).sum(1))
+        per_tok = probs[:, 0]  # (Hq, T)
+        padded = torch.zeros(hq, n * c, dtype=per_tok.dtype)
+        padded[:, : per_tok.shape[1]] = per_tok.cpu()
+        per_chunk = padded.view(hq, n, c).sum(2)  # (Hq, n) mass of each head on each chunk
+        self.recorder.add(s.request_id, s.chunks, per_chunk.max(0).values)
 
 
 def build_slot(pool: ChunkPool, request_id: str) -> DecodeSlot:

@@ -104,7 +104,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Lookahead Sparse Attention inference.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,eval}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{generate,eval,serve}")
     gen = sub.add_parser("generate", help="answer one prompt")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-file", help="file holding the prompt ('-' = stdin)")
@@ -136,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--distractors", type=int, default=3)
     _common(ev)
     ev.set_defaults(func=_cmd_eval)
+
+    from flashmemory.cluster import serve_cli
+
+    serve_cli.add_parser(sub).set_defaults(func=serve_cli.run)
     return parser
 
 
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
-    if args.verbose:
+    if getattr(args, "verbose", False):
         logging.getLogger("flashmemory").setLevel(logging.INFO)
     _quiet_libraries()
     try:
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
-    except ValueError as exc:  # PromptTooLongError and other bad-input errors found at run time
+    except (ValueError, FileNotFoundError) as exc:  # bad input found at run time
         if args.debug:
             traceback.print_exc()
         _error(exc)

@@ -28,7 +28,7 @@ from flashmemory.indexer.selectors import (
 from flashmemory.model.loader import load_model, load_tokenizer, resolve
 from flashmemory.prefill.chunk_store import ChunkStore
 from flashmemory.prefill.runner import prefill
-from flashmemory.types import Messages, Prompt, PromptTooLongError, RequestOutput
+from flashmemory.types import Messages, Prompt, RequestOutput, tokenize_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -57,26 +57,7 @@ class LLM:
     # -- prompts ------------------------------------------------------------------------------
     def tokenize(self, prompt: str | Messages, chat: bool, query_chars: int = 400) -> Prompt:
         """Apply the chat template (chat=True) and tokenize with character offsets."""
-        if chat:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
-            users = [m["content"] for m in messages if m.get("role") == "user"]
-            query_src = users[-1] if users else text
-            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        else:
-            if not isinstance(prompt, str):
-                raise ValueError("raw prompts must be strings; use chat for message lists")
-            text, query_src = prompt, prompt
-            enc = self.tokenizer(text, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLongError(f"the prompt has {len(ids)} tokens but the model's context "
-                                     f"is {self.max_model_len} tokens")
-        return Prompt(ids, [tuple(o) for o in enc["offset_mapping"]], text,
-                      query_src[-query_chars:])
+        return tokenize_prompt(self.tokenizer, prompt, chat, self.max_model_len, query_chars)
 
     # -- public API ---------------------------------------------------------------------------
     def generate(self, prompts: str | list[str], sampling: SamplingParams | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 Messages = list[dict[str, str]]
 
@@ -47,3 +48,30 @@ class RequestOutput:
     finish_reason: str  # "stop" | "length"
     mode: str
     stats: RequestStats
+
+
+def tokenize_prompt(tokenizer: Any, prompt: str | Messages, chat: bool, max_model_len: int,
+                    query_chars: int = 400) -> Prompt:
+    """Apply the chat template (chat=True) and tokenize with character offsets.
+
+    The query base for the indexer is the final user turn's tail (or the raw prompt's tail).
+    Raises ValueError for an empty prompt and PromptTooLongError when it does not fit.
+    """
+    if chat:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        users = [m["content"] for m in messages if m.get("role") == "user"]
+        query_src = users[-1] if users else text
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    else:
+        if not isinstance(prompt, str):
+            raise ValueError("raw prompts must be strings; use chat for message lists")
+        text, query_src = prompt, prompt
+        enc = tokenizer(text, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if len(ids) >= max_model_len:
+        raise PromptTooLongError(f"the prompt has {len(ids)} tokens but the model's context "
+                                 f"is {max_model_len} tokens")
+    return Prompt(ids, [tuple(o) for o in enc["offset_mapping"]], text, query_src[-query_chars:])

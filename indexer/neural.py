@@ -69,13 +69,21 @@ class NeuralIndexer:
 
     def add_request(self, request_id: str, chunk_texts: list[str]) -> None:
         """Embed a request's chunks at prefill (every window of every chunk)."""
+        self.add_embeddings(request_id, *self.encode_chunks(chunk_texts))
+
+    def add_embeddings(self, request_id: str, emb: torch.Tensor, owner: torch.Tensor) -> None:
+        """Hold embeddings computed elsewhere (a prefill worker) for a request."""
+        self._chunks[request_id] = (emb, owner)
+
+    def encode_chunks(self, chunk_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_windows, dim) embeddings and the owning chunk index of each window."""
         texts, owner = [], []
         for i, t in enumerate(chunk_texts):
             prev = chunk_texts[i - 1][-self.overlap_chars:] if i and self.overlap_chars else ""
             for w in self.windows(prev + t) or [""]:
                 texts.append(w)
                 owner.append(i)
-        self._chunks[request_id] = (self.embed(texts), torch.tensor(owner, dtype=torch.long))
+        return self.embed(texts), torch.tensor(owner, dtype=torch.long)
 
     def forget(self, request_id: str) -> None:
         self._chunks.pop(request_id, None)

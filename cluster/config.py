@@ -1,0 +1,53 @@
+"""Cluster configuration: worker counts, placement resources, transport. Composes EngineConfig;
+the Serve YAML's application args and ``flashmemory serve`` flags map onto these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from flashmemory.config import EngineConfig
+
+Transport = Literal["auto", "torch", "ipc"]
+TRANSPORTS: tuple[str, ...] = get_args(Transport)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Prefill / decode workers and how chunks move between them."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    num_prefill: int = 1
+    num_decode: int = 1
+    # Ray placement: custom resources let a cluster dedicate nodes/GPUs to each role.
+    prefill_resources: dict[str, float] = field(default_factory=dict)
+    decode_resources: dict[str, float] = field(default_factory=dict)
+    num_gpus_per_worker: float = 0.0  # 0.5 lets prefill and decode share one GPU
+    num_cpus_per_worker: float = 0.25  # fractional: Ray reserves 1 CPU per actor by default
+    torch_threads: int = 1  # intra-op threads per worker process
+    transport: Transport = "auto"  # auto: torch p2p (gloo/NCCL) unless workers share a GPU
+    transfer_timeout_s: float = 60.0
+    max_batch: int = 32  # sequences per decode step
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {self.transport!r}; choose one of "
+                             f"{', '.join(TRANSPORTS)}")
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError("num_prefill and num_decode must be >= 1")
+        if self.max_batch < 1 or self.transfer_timeout_s <= 0:
+            raise ValueError("max_batch must be >= 1 and transfer_timeout_s > 0")
+        if self.engine.lsa.mode == "oracle":
+            raise ValueError("the oracle mode needs a full-attention trace; it is an evaluation "
+                             "mode of the single-process engine, not of the cluster")
+
+    def resolved_transport(self) -> str:
+        """``torch`` or ``ipc``: NCCL refuses two ranks on one GPU, so shared GPUs use IPC."""
+        if self.transport != "auto":
+            return self.transport
+        sharing_gpu = self.engine.device.startswith("cuda") and self.num_gpus_per_worker < 1
+        return "ipc" if sharing_gpu else "torch"
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.engine.device.startswith("cuda") else "gloo"

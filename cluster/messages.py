@@ -1,0 +1,55 @@
+"""Typed messages that cross Ray actors (client -> prefill -> indexer -> decode -> client)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flashmemory.config import LSAConfig, SamplingParams
+from flashmemory.types import Prompt, RequestStats
+
+
+@dataclass(frozen=True)
+class PrefillTask:
+    """Client -> PrefillWorker: run this prompt and keep its chunks."""
+
+    request_id: str
+    prompt: Prompt
+    sampling: SamplingParams
+    lsa: LSAConfig
+
+
+@dataclass(frozen=True)
+class PrefillReply:
+    """PrefillWorker -> client."""
+
+    request_id: str
+    prefill_rank: int  # transport rank of the worker holding the chunks
+    first_token: int
+    num_prompt_chunks: int
+    chunk_bytes: int  # bytes of one chunk payload
+    prefill_s: float
+
+
+@dataclass(frozen=True)
+class DecodeTask:
+    """Client -> DecodeWorker: decode this prefilled request."""
+
+    request_id: str
+    prompt: Prompt
+    sampling: SamplingParams
+    lsa: LSAConfig
+    prefill_rank: int
+    first_token: int
+    arrival: float  # client wall-clock time (time.time()) of arrival, for TTFT
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """DecodeWorker -> client, streamed: new text since the last event, or the end."""
+
+    request_id: str
+    text_delta: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled"
+    stats: RequestStats | None = None  # with the final event
+    error: str | None = None

@@ -1,0 +1,98 @@
+"""Prometheus metrics of the served system, exported from every actor through Ray's metrics
+agent (``ray.util.metrics``); Prometheus scrapes each node's metrics export port. Ray prefixes the
+names below with ``ray_``. Suffixes follow vLLM's metric names where one exists.
+
+Created once per process by the ingress (request-level metrics) and the workers (KV metrics).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160]
+RATIO_BUCKETS = [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0]
+BYTES_BUCKETS = [2.0**k for k in range(16, 38, 2)]
+
+# name -> (kind, description, tag keys, buckets); documented in docs/METRICS.md
+SPECS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
+    "flashmemory_time_to_first_token_seconds": (
+        "histogram", "Time from request arrival to the first token", ("model",), LATENCY_BUCKETS),
+    "flashmemory_inter_token_latency_seconds": (
+        "histogram", "Time between consecutive streamed tokens", ("model",), LATENCY_BUCKETS),
+    "flashmemory_e2e_request_latency_seconds": (
+        "histogram", "Request latency, arrival to last token", ("model",), LATENCY_BUCKETS),
+    "flashmemory_prompt_tokens_total": ("counter", "Prompt tokens processed", ("model",), None),
+    "flashmemory_generation_tokens_total": ("counter", "Tokens generated", ("model",), None),
+    "flashmemory_request_success_total": (
+        "counter", "Finished requests by finish reason", ("model", "finish_reason"), None),
+    "flashmemory_request_errors_total": (
+        "counter", "Failed requests by error type", ("model", "error_type"), None),
+    "flashmemory_num_requests_running": (
+        "gauge", "Requests being decoded on a decode worker", ("worker",), None),
+    "flashmemory_num_requests_waiting": (
+        "gauge", "Requests admitted by the ingress, not yet decoding", ("model",), None),
+    "flashmemory_kv_footprint_ratio": (
+        "histogram", "Per-request mean KV footprint (resident / full)", ("worker",),
+        RATIO_BUCKETS),
+    "flashmemory_kv_footprint_peak_ratio": (
+        "histogram", "Per-request peak KV footprint", ("worker",), RATIO_BUCKETS),
+    "flashmemory_kv_resident_bytes": (
+        "gauge", "KV bytes resident in a decode worker's chunk pool", ("worker",), None),
+    "flashmemory_kv_full_bytes": (
+        "gauge", "KV bytes the running requests would hold with full attention", ("worker",),
+        None),
+    "flashmemory_chunks_selected": (
+        "histogram", "Chunks selected per re-prediction", ("worker",),
+        [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]),
+    "flashmemory_transfer_bytes_total": (
+        "counter", "Chunk bytes moved prefill -> decode", ("src", "dst"), None),
+    "flashmemory_transfer_seconds": (
+        "histogram", "Latency of one chunk transfer", ("src", "dst"), LATENCY_BUCKETS),
+    "flashmemory_transfer_payload_bytes": (
+        "histogram", "Bytes of one chunk transfer", ("src", "dst"), BYTES_BUCKETS),
+    "flashmemory_repredictions_total": ("counter", "Re-predictions", ("worker",), None),
+    "flashmemory_chunk_pool_pages_used": (
+        "gauge", "Pages in use in a decode worker's chunk pool", ("worker",), None),
+    "flashmemory_chunk_pool_pages_total": (
+        "gauge", "Pages allocated in a decode worker's chunk pool", ("worker",), None),
+    "flashmemory_chunk_store_bytes": (
+        "gauge", "Bytes of chunk KV held by a prefill worker", ("worker",), None),
+}
+
+
+class Metrics:
+    """This process's metric objects, created on first use."""
+
+    def __init__(self, default_tags: dict[str, str] | None = None) -> None:
+        self.default_tags = default_tags or {}
+        self._objs: dict[str, Any] = {}
+
+    def _get(self, name: str) -> Any:
+        obj = self._objs.get(name)
+        if obj is None:
+            from ray.util import metrics as rm
+
+            kind, desc, keys, buckets = SPECS[name]
+            if kind == "histogram":
+                obj = rm.Histogram(name, desc, boundaries=buckets, tag_keys=keys)
+            elif kind == "counter":
+                obj = rm.Counter(name, desc, tag_keys=keys)
+            else:
+                obj = rm.Gauge(name, desc, tag_keys=keys)
+            self._objs[name] = obj
+        return obj
+
+    def _tags(self, name: str, tags: dict[str, str]) -> dict[str, str]:
+        keys = SPECS[name][2]
+        merged = {**self.default_tags, **tags}
+        return {k: str(merged.get(k, "")) for k in keys}
+
+    def observe(self, name: str, value: float, **tags: str) -> None:
+        self._get(name).observe(value, tags=self._tags(name, tags))
+
+    def inc(self, name: str, value: float = 1.0, **tags: str) -> None:
+        if value > 0:
+            self._get(name).inc(value, tags=self._tags(name, tags))
+
+    def set(self, name: str, value: float, **tags: str) -> None:
+        self._get(name).set(value, tags=self._tags(name, tags))

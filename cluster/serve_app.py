@@ -1,0 +1,194 @@
+"""Ray Serve ingress with an OpenAI-compatible API over the FlashMemory cluster.
+
+(No ``from __future__ import annotations`` here: FastAPI resolves route signatures at runtime.)
+
+``build(args)`` is the Serve application builder (``serve run flashmemory.cluster.serve_app:build``
+or a Serve config's ``import_path``); ``args`` map onto ClusterConfig / EngineConfig / LSAConfig.
+The ingress replica starts the workers (one replica per cluster).
+"""
+
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from flashmemory.cluster.client import ClusterClient
+from flashmemory.cluster.config import ClusterConfig
+from flashmemory.cluster.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    now,
+    usage,
+)
+from flashmemory.config import SamplingParams
+from flashmemory.types import Prompt, PromptTooLongError, tokenize_prompt
+
+logger = logging.getLogger(__name__)
+app = FastAPI(title="FlashMemory", description="OpenAI-compatible LSA serving")
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, cfg: ClusterConfig, served_name: str) -> None:
+        from flashmemory.cluster.launch import start_workers
+        from flashmemory.cluster.runtime import setup_process
+        from flashmemory.model.loader import load_tokenizer, resolve
+
+        setup_process(cfg)
+        self.cfg, self.served_name = cfg, served_name
+        self.tokenizer = load_tokenizer(resolve(cfg.engine.model))
+        self.handles = start_workers(cfg)
+        from flashmemory.cluster.metrics import Metrics
+
+        self.client = ClusterClient(self.handles, Metrics({"model": served_name}))
+        import ray
+
+        self.max_model_len = ray.get(self.handles.prefills[0].max_model_len.remote())
+
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": self.served_name, "object": "model", "created": now(),
+            "owned_by": "flashmemory", "max_model_len": self.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Any:
+        return await self._handle(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        return await self._handle(request, chat=False)
+
+    async def _handle(self, request: Request, chat: bool) -> Any:
+        try:
+            req, prompt, sp, lsa = await self._parse(request, chat)
+        except BadRequest as e:
+            return JSONResponse(error_body(e.message, param=e.param, code=e.code), e.status)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if req.stream:
+            return StreamingResponse(self._sse(rid, prompt, sp, lsa, chat),
+                                     media_type="text/event-stream")
+        text, final = "", None
+        async for ev in self.client.stream(prompt, sp, lsa, rid):
+            text += ev.text_delta
+            final = ev
+        if final is None or final.finish_reason == "error":
+            msg = final.error if final else "no output"
+            return JSONResponse(error_body(f"request failed: {msg}", "server_error"), 500)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": final.finish_reason}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": now(), "model": self.served_name, "choices": [choice],
+                "usage": usage(final.stats)}
+
+    async def _sse(self, rid: str, prompt: Prompt, sp: SamplingParams, lsa: Any,
+                   chat: bool) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        first = True
+        async for ev in self.client.stream(prompt, sp, lsa, rid):
+            if ev.finish_reason == "error":
+                yield _sse(error_body(f"request failed: {ev.error}", "server_error"))
+                break
+            if chat:
+                delta: dict[str, Any] = {"content": ev.text_delta}
+                if first:
+                    delta["role"] = "assistant"
+                choice: dict[str, Any] = {"index": 0, "delta": delta,
+                                          "finish_reason": ev.finish_reason}
+            else:
+                choice = {"index": 0, "text": ev.text_delta, "finish_reason": ev.finish_reason}
+            chunk: dict[str, Any] = {"id": rid, "object": obj, "created": now(),
+                                     "model": self.served_name, "choices": [choice]}
+            if ev.stats is not None:
+                chunk["usage"] = usage(ev.stats)
+            first = False
+            yield _sse(chunk)
+        yield "data: [DONE]\n\n"
+
+    async def _parse(self, request: Request, chat: bool) -> tuple[Any, Prompt, Any, Any]:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(400, f"request body is not valid JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise BadRequest(400, "request body must be a JSON object")
+        try:
+            req = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(x) for x in err.get("loc", ()))
+            raise BadRequest(400, f"{param}: {err.get('msg')}", param) from e
+        if req.model != self.served_name:
+            raise BadRequest(404, f"the model '{req.model}' does not exist; this server serves "
+                             f"'{self.served_name}'", "model", "model_not_found")
+        return req, self._prompt(req, chat), self._sampling(req), self._lsa(req)
+
+    def _prompt(self, req: Any, chat: bool) -> Prompt:
+        src = [m.model_dump() for m in req.messages] if chat else req.prompt
+        try:
+            return tokenize_prompt(self.tokenizer, src, chat, self.max_model_len)
+        except PromptTooLongError as e:
+            raise BadRequest(400, str(e), "messages" if chat else "prompt",
+                             "context_length_exceeded") from e
+        except ValueError as e:
+            raise BadRequest(400, str(e)) from e
+
+    def _sampling(self, req: Any) -> SamplingParams:
+        if req.n != 1:
+            raise BadRequest(400, "only n=1 is supported", "n")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        try:
+            return SamplingParams(max_tokens=256 if max_tokens is None else max_tokens,
+                                  temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                  seed=req.seed, stop=stop, ignore_eos=req.ignore_eos)
+        except ValueError as e:
+            raise BadRequest(400, str(e), str(e).split(" ")[0]) from e
+
+    def _lsa(self, req: Any) -> Any:
+        lsa = self.cfg.engine.lsa
+        try:
+            if req.lsa_mode is not None:
+                lsa = replace(lsa, mode=req.lsa_mode)
+            if req.kv_budget is not None:
+                lsa = replace(lsa, budget=req.kv_budget, budget_tokens=None)
+        except ValueError as e:
+            raise BadRequest(400, str(e), "kv_budget") from e
+        return lsa
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def build(args: dict[str, Any] | None = None) -> Any:
+    """Serve application builder: ``args`` are ClusterConfig fields plus ``engine`` / ``lsa``."""
+    from flashmemory.cluster.config_io import cluster_config_from_dict
+
+    cfg = cluster_config_from_dict(dict(args or {}))
+    name = (args or {}).get("served_model_name") or cfg.engine.model
+    return OpenAIIngress.bind(cfg, name)

@@ -1,0 +1,194 @@
+"""DecodeWorker (a Ray async actor, created by ``cluster.launch``): receives the selected chunks
+of its requests into its chunk pool, runs continuous-batching LSA decode in a background thread,
+streams tokens to clients, and evicts chunks at re-prediction, completion or cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from flashmemory.cluster.config import ClusterConfig
+from flashmemory.cluster.messages import DecodeTask, TokenEvent
+from flashmemory.cluster.metrics import Metrics
+from flashmemory.cluster.runtime import load_backbone, make_transport, setup_process
+from flashmemory.cluster.transport import TorchDistTransport, TransferPlan
+from flashmemory.decode.chunk_pool import ChunkPool
+from flashmemory.decode.loop import DecodeLoop, Sequence
+from flashmemory.indexer.base import ResidencyState
+from flashmemory.indexer.selectors import FullSelector
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeWorker:
+    def __init__(self, cfg: ClusterConfig, rank: int, index: int, indexer: Any,
+                 prefills: list[Any]) -> None:
+        setup_process(cfg)
+        self.cfg, self.rank, self.index = cfg, rank, index
+        self.indexer, self.prefills = indexer, prefills
+        self.bb = load_backbone(cfg)
+        mc, e = self.bb.model.config, cfg.engine
+        shape = (mc.num_layers, 2, mc.num_kv_heads, e.lsa.chunk_size, mc.head_dim)
+        self.pool = ChunkPool(shape, e.torch_dtype, e.device)
+        self.transport = make_transport(cfg)
+        self.loop = DecodeLoop(self.bb.model, self.pool, self.bb.tokenizer, self.bb.eos_ids,
+                               self.bb.max_model_len, self._fetch, self._select)
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self._sent: dict[str, int] = {}  # chars of text already streamed per request
+        self._tasks: dict[str, DecodeTask] = {}
+        self._ids = itertools.count(rank * 1_000_000_000)  # transfer ids unique per receiver
+        self._aio: asyncio.AbstractEventLoop | None = None
+        self.bytes_received = 0
+        self.metrics = Metrics({"worker": f"decode-{index}"})
+        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._thread.start()
+
+    # -- set-up -------------------------------------------------------------------------------
+    def join_group(self, init_method: str, world_size: int) -> None:
+        if isinstance(self.transport, TorchDistTransport):
+            TorchDistTransport.init_group(self.cfg.backend, init_method, self.rank, world_size)
+
+    def ready(self) -> int:
+        return self.rank
+
+    # -- client-facing ----------------------------------------------------------------------
+    async def submit(self, task: DecodeTask) -> None:
+        """Admit a prefilled request; its events are read with ``stream``."""
+        self._aio = asyncio.get_running_loop()
+        self._streams[task.request_id] = asyncio.Queue()
+        self._inbox.put(("add", task))
+
+    async def stream(self, request_id: str) -> AsyncIterator[TokenEvent]:
+        """Token events of one request until its final event."""
+        q = self._streams[request_id]
+        try:
+            while True:
+                ev = await q.get()
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+
+    async def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+
+    async def stats(self) -> dict[str, Any]:
+        return {"active": len(self.loop.active), "pages_in_use": self.pool.pages_in_use(),
+                "page_bytes": self.pool.page_bytes, "bytes_received": self.bytes_received,
+                "tables": len(self.pool.tables)}
+
+    # -- decode thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._drain_inbox(block=not self.loop.active)
+            if not self.loop.active:
+                continue
+            try:
+                done = self.loop.step()
+            except Exception as e:  # a step that fails takes its batch down, not the worker
+                logger.exception("decode step failed")
+                done = list(self.loop.active)
+                for s in done:
+                    s.finish, s.error = "error", f"decode step failed: {e}"
+                    self.loop.abort(s)
+            for s in self.loop.active:
+                self._publish(s)
+            for s in done:
+                self._publish(s)
+            self._gauges()
+
+    def _gauges(self) -> None:
+        m, pool = self.metrics, self.pool
+        per_token = pool.page_bytes // pool.chunk_size
+        m.set("flashmemory_num_requests_running", len(self.loop.active))
+        m.set("flashmemory_kv_resident_bytes",
+              sum(pool.resident_tokens(s.rid) for s in self.loop.active) * per_token)
+        m.set("flashmemory_kv_full_bytes",
+              sum(pool.tables[s.rid].num_tokens for s in self.loop.active) * per_token)
+        m.set("flashmemory_chunk_pool_pages_used", pool.pages_in_use())
+        m.set("flashmemory_chunk_pool_pages_total", pool.num_pages)
+
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                self._admit(item)
+            elif kind == "cancel":
+                for s in list(self.loop.active):
+                    if s.store_id == item:
+                        s.finish = "cancelled"
+                        self.loop.abort(s)
+                        self._publish(s)
+
+    def _admit(self, task: DecodeTask) -> None:
+        gen = None
+        if task.sampling.temperature > 0:
+            seed = task.sampling.seed if task.sampling.seed is not None else 0
+            gen = torch.Generator().manual_seed(seed + 1)  # prefill used ``seed`` for token 1
+        s = Sequence(task.request_id, task.request_id, task.prompt, task.sampling, task.lsa,
+                     FullSelector(), time.perf_counter(), gen)
+        self._tasks[s.rid] = task
+        self.loop.add(s, task.first_token)
+        s.first_token_at = s.start  # the first token came from prefill
+        self._publish(s)
+
+    def _publish(self, s: Sequence) -> None:
+        sent = self._sent.get(s.rid, 0)
+        if s.finish is None and len(s.text) <= sent:
+            return  # nothing new to stream yet
+        stats = None
+        if s.finish is not None:
+            stats = self.loop.output(s).stats
+            if s.footprints:
+                self.metrics.observe("flashmemory_kv_footprint_ratio", stats.kv_footprint_mean)
+                self.metrics.observe("flashmemory_kv_footprint_peak_ratio",
+                                     stats.kv_footprint_peak)
+            self._sent.pop(s.rid, None)
+            self._tasks.pop(s.rid, None)
+        else:
+            self._sent[s.rid] = len(s.text)
+        ev = TokenEvent(s.rid, s.text[sent:], [], s.finish, stats, s.error)
+        q = self._streams.get(s.rid)
+        if q is not None and self._aio is not None:
+            self._aio.call_soon_threadsafe(q.put_nowait, ev)
+
+    def _select(self, s: Sequence, state: ResidencyState) -> tuple[set[int], int]:
+        import ray
+
+        target, chosen = ray.get(self.indexer.plan.remote(s.store_id, s.lsa, state))
+        self.metrics.observe("flashmemory_chunks_selected", chosen)
+        self.metrics.inc("flashmemory_repredictions_total")
+        return target, chosen
+
+    def _fetch(self, s: Sequence, chunk_ids: list[int]) -> torch.Tensor:
+        """Pull chunks from the prefill worker holding them: one batched transfer."""
+        task = self._tasks[s.rid]
+        plan = TransferPlan(next(self._ids), s.store_id, tuple(chunk_ids), task.prefill_rank,
+                            self.rank, tuple(self.pool.page_shape), self.cfg.engine.dtype,
+                            self.cfg.transfer_timeout_s)
+        sender = self.prefills[task.prefill_rank]
+        t0 = time.perf_counter()
+        try:
+            payload = self.transport.recv(plan, sender)
+        finally:
+            sender.release_transfer.remote(plan.transfer_id)
+        route = {"src": f"prefill-{task.prefill_rank}", "dst": f"decode-{self.index}"}
+        self.metrics.inc("flashmemory_transfer_bytes_total", payload.nbytes, **route)
+        self.metrics.observe("flashmemory_transfer_seconds", time.perf_counter() - t0, **route)
+        self.metrics.observe("flashmemory_transfer_payload_bytes", payload.nbytes, **route)
+        self.bytes_received += payload.nbytes
+        return payload

@@ -1,0 +1,114 @@
+"""PrefillWorker (a Ray actor, created by ``cluster.launch``): runs chunked prefill, keeps each
+request's chunks in its chunk store, embeds chunk texts for the indexer, produces the first
+token, and sends selected chunks to decode workers over the chunk transport."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from flashmemory.cluster.config import ClusterConfig
+from flashmemory.cluster.messages import PrefillReply, PrefillTask
+from flashmemory.cluster.metrics import Metrics
+from flashmemory.cluster.runtime import (
+    load_backbone,
+    make_transport,
+    rendezvous_address,
+    setup_process,
+)
+from flashmemory.cluster.transport import TorchDistTransport, TransferPlan
+from flashmemory.prefill.chunk_store import ChunkStore
+from flashmemory.prefill.runner import prefill
+from flashmemory.sampling import sample
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillWorker:
+    def __init__(self, cfg: ClusterConfig, rank: int, indexer: Any) -> None:
+        setup_process(cfg)
+        self.cfg, self.rank, self.indexer = cfg, rank, indexer
+        self.bb = load_backbone(cfg)
+        mc = self.bb.model.config
+        e = cfg.engine
+        self.store = ChunkStore(mc.num_layers, mc.num_kv_heads, mc.head_dim, e.lsa.chunk_size,
+                                e.torch_dtype, e.device)
+        self.transport = make_transport(cfg)
+        self._encoder: Any = None
+        self.bytes_sent = 0
+        self.metrics = Metrics({"worker": f"prefill-{rank}"})
+
+    # -- set-up -------------------------------------------------------------------------------
+    def rendezvous(self) -> str:
+        return rendezvous_address()
+
+    def join_group(self, init_method: str, world_size: int) -> None:
+        if isinstance(self.transport, TorchDistTransport):
+            TorchDistTransport.init_group(self.cfg.backend, init_method, self.rank, world_size)
+
+    def ready(self) -> int:
+        return self.rank
+
+    # -- requests ------------------------------------------------------------------------------
+    def prefill(self, task: PrefillTask) -> PrefillReply:
+        """Prefill, register chunk embeddings with the indexer, sample the first token."""
+        if task.lsa.chunk_size != self.store.chunk_size:
+            raise ValueError(f"chunk_size {task.lsa.chunk_size} differs from the cluster's "
+                             f"{self.store.chunk_size}")
+        t0 = time.perf_counter()
+        p = task.prompt
+        res = prefill(self.bb.model, self.store, task.request_id, p.token_ids, p.offsets, p.text,
+                      self.cfg.engine.prefill_piece_tokens)
+        try:
+            if task.lsa.mode == "lsa":
+                emb, owner = self.encoder.encode_chunks(self.store.chunk_texts(task.request_id))
+                import ray
+
+                ray.get(self.indexer.register.remote(task.request_id, emb, owner))
+            gen = None
+            if task.sampling.temperature > 0:
+                seed = task.sampling.seed if task.sampling.seed is not None else 0
+                gen = torch.Generator().manual_seed(seed)
+            first = sample(res.logits, task.sampling, gen)
+        except Exception:
+            self.store.free(task.request_id)
+            raise
+        payload_bytes = self.store.read(task.request_id, [0]).nbytes
+        self.metrics.set("flashmemory_chunk_store_bytes", self.store.nbytes())
+        return PrefillReply(task.request_id, self.rank, first, len(res.metas), payload_bytes,
+                            time.perf_counter() - t0)
+
+    @property
+    def encoder(self) -> Any:
+        if self._encoder is None:
+            from flashmemory.indexer.neural import NeuralIndexer
+
+            self._encoder = NeuralIndexer(self.cfg.engine.indexer, device=self.cfg.engine.device)
+        return self._encoder
+
+    def stage_chunks(self, plan: TransferPlan) -> Any:
+        """Read the planned chunks as one payload and stage it in the transport."""
+        payload = self.store.read(plan.request_id, list(plan.chunk_ids))
+        out = self.transport.stage(plan, payload)
+        self.bytes_sent += payload.nbytes
+        return out
+
+    def send_chunks(self, plan: TransferPlan) -> None:
+        self.transport.send(plan)
+
+    def release_transfer(self, transfer_id: int) -> None:
+        self.transport.release(transfer_id)
+
+    def free(self, request_id: str) -> None:
+        self.store.free(request_id)
+        self.metrics.set("flashmemory_chunk_store_bytes", self.store.nbytes())
+
+    def stats(self) -> dict[str, int]:
+        return {"requests": len(self.store.requests()), "store_bytes": self.store.nbytes(),
+                "bytes_sent": self.bytes_sent}
+
+    def max_model_len(self) -> int:
+        return self.bb.max_model_len

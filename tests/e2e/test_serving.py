@@ -1,0 +1,200 @@
+"""The served system on CPU: a local Ray cluster (gloo transport) with one prefill worker, the
+indexer and two decode workers on SmolLM2, behind the OpenAI-compatible Serve app. One cluster
+for the whole module; the single-process engine is the reference."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flashmemory.cluster.client import ClusterClient
+from flashmemory.cluster.config_io import cluster_config_from_dict
+from flashmemory.cluster.launch import connect_workers
+from flashmemory.config import LSAConfig, SamplingParams
+from flashmemory.engine import LLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+NEEDLE = Path("examples/needle.txt").read_text()
+MODEL = "smollm2-135m-instruct"
+ARGS = {"num_prefill": 1, "num_decode": 2, "lsa": {"budget": 0.1}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    import ray
+    from ray import serve
+
+    from flashmemory.cluster.serve_app import build
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(dict(ARGS)), name="flashmemory", route_prefix="/")
+    client = ClusterClient(connect_workers(cluster_config_from_dict(dict(ARGS))))
+    yield f"http://127.0.0.1:{port}", client
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM()
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server[0]}/v1", api_key="unused", timeout=300, max_retries=0)
+
+
+def _stats(client: ClusterClient) -> dict:
+    import ray
+
+    h = client.h
+    return {"decode": ray.get([d.stats.remote() for d in h.decodes]),
+            "prefill": ray.get([p.stats.remote() for p in h.prefills]),
+            "indexer": ray.get(h.indexer.stats.remote())}
+
+
+def _wait_idle(client: ClusterClient, timeout: float = 30.0) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        s = _stats(client)
+        idle = (all(d["tables"] == 0 and d["pages_in_use"] == 0 for d in s["decode"])
+                and all(p["requests"] == 0 for p in s["prefill"])
+                and s["indexer"]["requests_held"] == 0)
+        if idle or time.time() > deadline:
+            return s
+        time.sleep(0.2)
+
+
+def test_chat_non_streaming_and_streaming(oai) -> None:
+    msgs = [{"role": "user", "content": NEEDLE}]
+    r = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=32, temperature=0)
+    text = r.choices[0].message.content
+    assert "6464353" in text and r.choices[0].finish_reason in ("stop", "length")
+    u = r.usage.model_dump()
+    assert 0 < u["kv_footprint_mean"] < 0.3 and 0 < u["transfer_ratio"] < 0.3
+    assert u["chunks_selected"] > 0 and u["kv_bytes_transferred"] > 0
+    parts, usage = [], None
+    for chunk in oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=32,
+                                             temperature=0, stream=True):
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+        usage = chunk.usage or usage
+    assert "".join(parts) == text and usage is not None
+
+
+def test_completions_models_health(server, oai) -> None:
+    r = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5,
+                               temperature=0)
+    assert r.choices[0].text.strip()
+    assert [m.id for m in oai.models.list().data] == [MODEL]
+    assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("mode", ["full", "lsa"])
+def test_cluster_answer_equals_engine(server, llm: LLM, mode: str) -> None:
+    client = server[1]
+    lsa = LSAConfig(mode=mode, budget=0.1)
+    sp = SamplingParams(max_tokens=24)
+    prompt = llm.tokenize(NEEDLE, chat=True)
+    ref = llm.run_modes(prompt, sp, [lsa])[0]
+    got = client.generate_sync([prompt], sp, lsa)[0]
+    assert got.text == ref.text and "6464353" in got.text
+    assert got.stats.kv_bytes_transferred == ref.stats.kv_bytes_transferred
+    assert got.stats.kv_footprint_mean == pytest.approx(ref.stats.kv_footprint_mean)
+
+
+def test_only_selected_chunks_move(server, llm: LLM) -> None:
+    client = server[1]
+    before = sum(d["bytes_received"] for d in _stats(client)["decode"])
+    prompt = llm.tokenize(NEEDLE, chat=True)
+    out = client.generate_sync([prompt], SamplingParams(max_tokens=8), LSAConfig(budget=0.1))[0]
+    after = sum(d["bytes_received"] for d in _stats(client)["decode"])
+    page = _stats(client)["decode"][0]["page_bytes"]
+    s = out.stats
+    assert after - before == s.kv_bytes_transferred and s.kv_bytes_transferred % page == 0
+    moved = s.kv_bytes_transferred // page
+    assert moved < 0.25 * s.num_prompt_chunks  # selected + sink + tail only
+    assert s.transfer_ratio == pytest.approx(moved / s.num_prompt_chunks)
+
+
+def test_concurrent_requests_use_both_decode_workers(server, llm: LLM) -> None:
+    client = server[1]
+    _wait_idle(client)
+    before = [d["bytes_received"] for d in _stats(client)["decode"]]
+    p = llm.tokenize("Name two colours of the rainbow.", chat=True)
+    outs = client.generate_sync([p, p], SamplingParams(max_tokens=8), LSAConfig(mode="full"))
+    after = [d["bytes_received"] for d in _stats(client)["decode"]]
+    assert outs[0].text == outs[1].text
+    assert all(a > b for a, b in zip(after, before, strict=True))
+
+
+def test_cancelled_stream_frees_chunks_everywhere(server, llm: LLM) -> None:
+    client = server[1]
+    prompt = llm.tokenize(NEEDLE, chat=True)
+
+    async def read_one_then_leave() -> None:
+        gen = client.stream(prompt, SamplingParams(max_tokens=200, ignore_eos=True))
+        await gen.__anext__()
+        await gen.aclose()
+
+    asyncio.run(read_one_then_leave())
+    s = _wait_idle(client)
+    assert all(d["tables"] == 0 and d["pages_in_use"] == 0 for d in s["decode"]), s
+    assert all(p["requests"] == 0 for p in s["prefill"]), s
+    assert s["indexer"]["requests_held"] == 0 and s["indexer"]["load"] == [0, 0]
+
+
+def test_http_disconnect_frees_chunks(server) -> None:
+    url, client = server
+    body = {"model": MODEL, "messages": [{"role": "user", "content": NEEDLE}],
+            "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # first token arrived: hang up
+    s = _wait_idle(client)
+    assert all(d["tables"] == 0 for d in s["decode"]) and s["indexer"]["requests_held"] == 0, s
+
+
+@pytest.mark.parametrize("body,status,code", [
+    ("{not json", 400, None),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404,
+     "model_not_found"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400,
+     None),
+    ({"model": MODEL, "messages": []}, 400, None),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 9000}]}, 400,
+     "context_length_exceeded"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "kv_budget": 2}, 400,
+     None),
+])
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(server, body, status,
+                                                                   code) -> None:
+    url = server[0]
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{url}/v1/chat/completions", content=data,
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] == "invalid_request_error" and err["code"] == code
+    ok = httpx.post(f"{url}/v1/completions", timeout=120,
+                    json={"model": MODEL, "prompt": "One, two,", "max_tokens": 3})
+    assert ok.status_code == 200

@@ -1,0 +1,88 @@
+"""Chunk transports between two real Ray actors: gloo point-to-point and the IPC (object store)
+path; one message per transfer, exact bytes, and a timed-out transfer that leaves both serving."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+from flashmemory.cluster.transport import (
+    IpcTransport,
+    TorchDistTransport,
+    TransferError,
+    TransferPlan,
+)
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+class Peer:
+    """A stand-in for a prefill (rank 0) or decode (rank 1) worker: transport only."""
+
+    def __init__(self, kind: str, rank: int) -> None:
+        cpu = torch.device("cpu")
+        self.t = TorchDistTransport(cpu) if kind == "torch" else IpcTransport(cpu)
+        self.rank = rank
+
+    def address(self) -> str:
+        from flashmemory.cluster.runtime import rendezvous_address
+
+        return rendezvous_address()
+
+    def join(self, addr: str) -> None:
+        TorchDistTransport.init_group("gloo", addr, self.rank, 2)
+
+    def stage_chunks(self, plan: TransferPlan) -> Any:
+        if plan.request_id == "missing":
+            raise KeyError("no such request")  # as a prefill worker that freed the request
+        return self.t.stage(plan, torch.full(plan.shape, float(plan.transfer_id)))
+
+    def send_chunks(self, plan: TransferPlan) -> None:
+        self.t.send(plan)
+
+    def pull(self, sender: Any, plan: TransferPlan) -> tuple[float, float, int]:
+        payload = self.t.recv(plan, sender)
+        return float(payload.min()), float(payload.max()), payload.nbytes
+
+    def pull_failing(self, sender: Any, plan: TransferPlan) -> str:
+        try:
+            self.t.recv(plan, sender)
+        except TransferError as e:
+            return str(e)
+        return "no error"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import sys
+
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Peer ships by value
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["torch", "ipc"])
+def test_transfer_moves_exact_payload_and_survives_a_timeout(ray_cluster, kind: str) -> None:
+    ray = ray_cluster
+    actor = ray.remote(Peer).options(num_cpus=0.1, max_concurrency=2)
+    src, dst = actor.remote(kind, 0), actor.remote(kind, 1)
+    if kind == "torch":
+        addr = ray.get(src.address.remote())
+        ray.get([src.join.remote(addr), dst.join.remote(addr)])
+    page = (2, 2, 1, 8, 4)  # (L, 2, Hkv, C, D)
+    plan = TransferPlan(1, "r", (0, 5, 9), 0, 1, page, "float32", timeout_s=20)
+    lo, hi, nbytes = ray.get(dst.pull.remote(src, plan))
+    assert (lo, hi) == (1.0, 1.0) and nbytes == plan.nbytes == 3 * 2 * 2 * 8 * 4 * 4
+    failing = TransferPlan(2, "missing", (1,), 0, 1, page, "float32", timeout_s=5)
+    msg = ray.get(dst.pull_failing.remote(src, failing))
+    assert "could not be staged" in msg and "no such request" in msg, msg
+    after = TransferPlan(3, "r", (2, 4), 0, 1, page, "float32", timeout_s=20)
+    assert ray.get(dst.pull.remote(src, after))[:2] == (3.0, 3.0)  # both still serving
+    for a in (src, dst):
+        ray.kill(a)
