@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-fast demo eval lint clean
+.PHONY: install test test-fast demo serve lint clean
 
 $(BIN)/flashmemory: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,9 @@ test-fast: install
 
 demo: install
 	$(BIN)/flashmemory generate --prompt-file examples/needle.txt --mode lsa --budget 0.1 --max-tokens 32
+
+serve: install
+	RAY_AUTH_MODE=disabled $(BIN)/flashmemory serve
 
 lint: install
 	$(BIN)/ruff check .

@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 app = FastAPI(title="FlashMemory", description="OpenAI-compatible LSA serving")
 
 
+def sse_event(obj: dict[str, Any]) -> str:
+    """One server-sent event carrying a JSON object."""
+    return f"data: {json.dumps(obj)}\n\n"
+
+
 class BadRequest(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None) -> None:
@@ -111,7 +116,7 @@ class OpenAIIngress:
         first = True
         async for ev in self.client.stream(prompt, sp, lsa, rid):
             if ev.finish_reason == "error":
-                yield _sse(error_body(f"request failed: {ev.error}", "server_error"))
+                yield sse_event(error_body(f"request failed: {ev.error}", "server_error"))
                 break
             if chat:
                 delta: dict[str, Any] = {"content": ev.text_delta}
@@ -126,7 +131,7 @@ class OpenAIIngress:
             if ev.stats is not None:
                 chunk["usage"] = usage(ev.stats)
             first = False
-            yield _sse(chunk)
+            yield sse_event(chunk)
         yield "data: [DONE]\n\n"
 
     async def _parse(self, request: Request, chat: bool) -> tuple[Any, Prompt, Any, Any]:
@@ -179,10 +184,6 @@ class OpenAIIngress:
         except ValueError as e:
             raise BadRequest(400, str(e), "kv_budget") from e
         return lsa
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
 
 
 def build(args: dict[str, Any] | None = None) -> Any:

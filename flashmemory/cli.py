@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--value-kinds", type=_csv, default=["numbers", "uuids"])
     ev.add_argument("--distractors", type=int, default=3)
+    ev.add_argument("--cluster", metavar="ADDRESS", default=None,
+                    help="evaluate through a running FlashMemory cluster ('auto' inside a Ray "
+                         "job) instead of loading the model here")
     _common(ev)
     ev.set_defaults(func=_cmd_eval)
 
@@ -254,7 +257,16 @@ def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(str(exc)) from exc
     if (args.out / RESULTS_FILE).exists() and not args.overwrite:
         raise UsageError(f"{args.out / RESULTS_FILE} exists; pass --overwrite to replace it")
-    result = run_eval(_load(cfg), ecfg)
+    if args.cluster:
+        from flashmemory.cluster.eval_backend import ClusterBackend
+
+        if "oracle" in ecfg.modes:
+            raise UsageError("--cluster cannot run the oracle mode (it needs a full-attention "
+                             "trace); drop it from --modes")
+        backend: Any = ClusterBackend.connect(args.cluster)
+    else:
+        backend = _load(cfg)
+    result = run_eval(backend, ecfg)
     print(result.table)
     print(f"\nresults: {result.results_path}\nsummary: {result.summary_path}")
     return 0

@@ -72,6 +72,9 @@ class IndexerActor:
         if self._neural is not None:
             self._neural.forget(request_id)
 
+    def config(self) -> ClusterConfig:
+        return self.cfg
+
     def stats(self) -> dict[str, Any]:
         held = len(self._neural._chunks) if self._neural is not None else 0
         return {"load": list(self._load), "requests_held": held,

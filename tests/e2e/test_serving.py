@@ -198,3 +198,21 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(server, body, s
     ok = httpx.post(f"{url}/v1/completions", timeout=120,
                     json={"model": MODEL, "prompt": "One, two,", "max_tokens": 3})
     assert ok.status_code == 200
+
+
+def test_eval_runs_through_the_live_cluster(server, llm: LLM, tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    from flashmemory.cluster.eval_backend import ClusterBackend
+    from flashmemory.evaluation.runner import EvalConfig, run_eval
+
+    backend = ClusterBackend(server[1], llm.tokenizer, llm.max_model_len)
+    cfg = EvalConfig(out_dir=tmp_path, lengths=(1024,), modes=("full", "lsa"), samples=2,
+                     max_tokens=16, value_kinds=("numbers",), lsa=LSAConfig(budget=0.1))
+    before = sum(d["bytes_received"] for d in _stats(server[1])["decode"])
+    result = run_eval(backend, cfg, progress=False)
+    rows = pq.read_table(result.results_path).to_pylist()
+    assert len(rows) == 4 and {r["mode"] for r in rows} == {"full", "lsa"}
+    moved = sum(r["kv_bytes_transferred"] for r in rows)
+    assert sum(d["bytes_received"] for d in _stats(server[1])["decode"]) - before == moved
+    assert "lsa" in result.summary_path.read_text()
