@@ -40,12 +40,14 @@ def server():
 
     from flashmemory.cluster.serve_app import build
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    metrics_port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+             _metrics_export_port=metrics_port)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(dict(ARGS)), name="flashmemory", route_prefix="/")
     client = ClusterClient(connect_workers(cluster_config_from_dict(dict(ARGS))))
-    yield f"http://127.0.0.1:{port}", client
+    yield f"http://127.0.0.1:{port}", client, f"http://127.0.0.1:{metrics_port}/metrics"
     serve.shutdown()
     ray.shutdown()
 
@@ -216,3 +218,24 @@ def test_eval_runs_through_the_live_cluster(server, llm: LLM, tmp_path) -> None:
     moved = sum(r["kv_bytes_transferred"] for r in rows)
     assert sum(d["bytes_received"] for d in _stats(server[1])["decode"]) - before == moved
     assert "lsa" in result.summary_path.read_text()
+
+
+def test_metrics_exported_from_every_actor(server, oai) -> None:
+    """After real traffic, Ray's Prometheus endpoint carries the ingress and worker metrics."""
+    oai.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
+                                messages=[{"role": "user", "content": NEEDLE}])
+    want = {"ray_flashmemory_time_to_first_token_seconds_bucket",
+            "ray_flashmemory_e2e_request_latency_seconds_count",
+            "ray_flashmemory_prompt_tokens_total", "ray_flashmemory_generation_tokens_total",
+            "ray_flashmemory_kv_footprint_ratio_bucket", "ray_flashmemory_transfer_bytes_total",
+            "ray_flashmemory_chunk_pool_pages_total", "ray_flashmemory_chunk_store_bytes",
+            "ray_flashmemory_repredictions_total", "ray_flashmemory_num_requests_running"}
+    deadline, seen = time.time() + 60, set()
+    while time.time() < deadline:
+        text = httpx.get(server[2], timeout=10).text
+        seen = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+                if line.startswith("ray_flashmemory")}
+        if want <= seen:
+            break
+        time.sleep(2)
+    assert want <= seen, sorted(want - seen)
