@@ -63,7 +63,8 @@ class ChunkStore:
         for i in range(n):
             t0, t1 = i * c, min((i + 1) * c, num_tokens)
             metas.append(ChunkMeta(i, t0, t1, offsets[t0][0], offsets[t1 - 1][1]))
-        kv = torch.zeros((n, *self.shape), dtype=self.dtype, device=self.device)
+        kv = torch.empty((n, *self.shape), dtype=self.dtype, device=self.device)
+        kv[-1].zero_()  # only the last chunk has padding; prefill writes every other slot
         self._entries[request_id] = _Entry(kv, metas, text, num_tokens)
         return metas
 
