@@ -165,7 +165,7 @@ def test_cancelled_stream_frees_chunks_everywhere(server, llm: LLM) -> None:
 
 
 def test_http_disconnect_frees_chunks(server) -> None:
-    url, client = server
+    url, client = server[0], server[1]
     body = {"model": MODEL, "messages": [{"role": "user", "content": NEEDLE}],
             "max_tokens": 200, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
