@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if a.get("import_path", DEFAULT_IMPORT_PATH) == DEFAULT_IMPORT_PATH:
             cluster_config_from_dict(dict(a.get("args") or {}))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Jobs submitted to this local cluster (`ray job submit -- flashmemory eval ...`) run in a
+    # shell that inherits this environment: put this interpreter's bin/ first on PATH so the
+    # `flashmemory` and `python` there are ours even when the venv was never activated.
+    bindir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
     ray.init(address=args.address, include_dashboard=True, logging_level="WARNING")
     serve.start(http_options={"host": http["host"], "port": int(http["port"])})
     for a in apps:
