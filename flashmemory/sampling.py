@@ -8,9 +8,10 @@ from flashmemory.config import SamplingParams
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    """logits: (vocab,) fp32 -> one token id."""
+    """logits: (vocab,) -> one token id (sampled on the CPU, where the generator lives)."""
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
+    logits = logits.float().cpu()
     logits = logits / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]

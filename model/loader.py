@@ -82,9 +82,13 @@ def load_model(
         raise ValueError(f"checkpoint mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them for real.
-    model.model.rotary = type(model.model.rotary)(cfg.rope, cfg.head_dim)
-    return model.to(device=device, dtype=dtype).eval().fuse()
+    # Non-persistent buffers (rotary inv_freq) were created on meta; build them for real, and
+    # again after the dtype cast: RoPE frequencies must stay fp32 even for a bf16 model.
+    rotary = type(model.model.rotary)
+    model.model.rotary = rotary(cfg.rope, cfg.head_dim)
+    model = model.to(device=device, dtype=dtype).eval().fuse()
+    model.model.rotary = rotary(cfg.rope, cfg.head_dim).to(device)
+    return model
 
 
 def load_tokenizer(source: ModelSource) -> Any:

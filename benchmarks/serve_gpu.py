@@ -1,0 +1,112 @@
+"""Serve a random-weight model of a real shape on one GPU (prefill and decode workers share it,
+IPC transport) and measure TTFT / TPOT of long prompts through the HTTP API, streaming.
+
+Usage: python benchmarks/serve_gpu.py --tokenizer DIR [--shape smollm2] [--lengths 8192,32768]
+Prints a Markdown table. Random weights: timings are real, answers are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # HF LlamaConfig fields
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                    vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
+}
+
+
+def make_checkpoint(shape: str, tokenizer: Path, out: Path, max_len: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_len, bos_token_id=1,
+                      eos_token_id=2)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    for f in tokenizer.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def stream_one(url: str, model: str, prompt: str, mode: str, budget: float,
+               max_tokens: int) -> dict:
+    import httpx
+
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "lsa_mode": mode, "kv_budget": budget}
+    t0 = time.perf_counter()
+    first, n, usage = None, 0, {}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            first = first or time.perf_counter()
+            n += 1
+            usage = chunk.get("usage") or usage
+    end = time.perf_counter()
+    steps = max(usage.get("completion_tokens", n) - 1, 1)
+    return {"ttft": first - t0, "tpot": (end - first) / steps,
+            "footprint": usage.get("kv_footprint_mean"), "transfer": usage.get("transfer_ratio"),
+            "tokens": usage.get("prompt_tokens")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
+    ap.add_argument("--lengths", default="8192,32768")
+    ap.add_argument("--modes", default="full,random")
+    ap.add_argument("--budget", type=float, default=0.1)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from flashmemory.cluster.serve_app import build
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    ckpt = make_checkpoint(args.shape, args.tokenizer, Path("/tmp/fm-ckpt"),
+                           max(lengths) + 2 * args.max_tokens)
+    ray.init(num_gpus=1, logging_level="WARNING")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build({"served_model_name": "m", "num_gpus_per_worker": 0.5,
+                     "num_cpus_per_worker": 1, "torch_threads": 4,
+                     "engine": {"model": str(ckpt), "device": "cuda", "dtype": "bfloat16"},
+                     "lsa": {"budget": args.budget}}), name="fm", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "lamp",
+             "paper", "window", "garden"]
+    print(f"{torch.cuda.get_device_name()} | shape {args.shape} bf16 random weights | "
+          f"budget {args.budget} | {args.max_tokens} tokens generated")
+    print("| prompt tokens | mode | TTFT (s) | TPOT (ms) | KV footprint | transfer |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for n in lengths:
+        prompt = " ".join(words[(i * 7) % len(words)] for i in range(n - 64))
+        for mode in args.modes.split(","):
+            stream_one(url, "m", prompt[:2000], mode, args.budget, 4)  # warm-up
+            r = stream_one(url, "m", prompt, mode, args.budget, args.max_tokens)
+            print(f"| {r['tokens']} | {mode} | {r['ttft']:.3f} | {1000 * r['tpot']:.2f} | "
+                  f"{r['footprint']:.3f} | {r['transfer']:.3f} |", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
