@@ -19,12 +19,7 @@ from flashmemory.decode.chunk_pool import ChunkPool
 from flashmemory.decode.loop import DecodeLoop, Sequence
 from flashmemory.decode.step import AttentionRecorder
 from flashmemory.indexer.base import Selector
-from flashmemory.indexer.selectors import (
-    FullSelector,
-    OracleSelector,
-    RandomSelector,
-    RecencySelector,
-)
+from flashmemory.indexer.selectors import baseline_selector
 from flashmemory.model.loader import load_model, load_tokenizer, resolve
 from flashmemory.prefill.chunk_store import ChunkStore
 from flashmemory.prefill.runner import prefill
@@ -134,15 +129,9 @@ class LLM:
         return self._indexer
 
     def _selector(self, lsa: LSAConfig, traces: dict[str, list[torch.Tensor]] | None) -> Selector:
-        if lsa.mode == "full":
-            return FullSelector()
-        if lsa.mode == "recency":
-            return RecencySelector()
-        if lsa.mode == "random":
-            return RandomSelector(lsa.seed)
         if lsa.mode == "oracle":
-            return OracleSelector(traces or {}, lsa.oracle_window)
-        return self.indexer
+            traces = traces or {}
+        return baseline_selector(lsa, traces) or self.indexer
 
     def _new_seq(self, store_id: str, prompt: Prompt, params: SamplingParams, lsa: LSAConfig,
                  start: float, traces: dict[str, list[torch.Tensor]] | None) -> Sequence:

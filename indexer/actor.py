@@ -12,7 +12,7 @@ import torch
 from flashmemory.cluster.config import ClusterConfig
 from flashmemory.config import LSAConfig
 from flashmemory.indexer.base import ResidencyState, Selector, plan_resident
-from flashmemory.indexer.selectors import FullSelector, RandomSelector, RecencySelector
+from flashmemory.indexer.selectors import baseline_selector
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +54,7 @@ class IndexerActor:
         return plan_resident(lsa, self._selector(lsa), state, self.cfg.engine.lsa.chunk_size)
 
     def _selector(self, lsa: LSAConfig) -> Selector:
-        if lsa.mode == "full":
-            return FullSelector()
-        if lsa.mode == "recency":
-            return RecencySelector()
-        if lsa.mode == "random":
-            return RandomSelector(lsa.seed)
-        if lsa.mode == "lsa":
-            return self.neural
-        raise ValueError(f"mode {lsa.mode!r} is not available in the cluster")
+        return baseline_selector(lsa) or self.neural
 
     def forget(self, request_id: str) -> None:
         """Drop a finished / failed / cancelled request's embeddings and route."""

@@ -6,9 +6,14 @@ The oracle ranks chunks by the attention mass a full-attention run put on them o
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from flashmemory.indexer.base import SelectionRequest
+from flashmemory.indexer.base import SelectionRequest, Selector
+
+if TYPE_CHECKING:
+    from flashmemory.config import LSAConfig
 
 
 class FullSelector:
@@ -59,3 +64,20 @@ class OracleSelector:
             n = min(s.numel(), req.num_prompt_chunks)
             mass[:n] += s[:n]
         return mass[torch.tensor(req.candidates, dtype=torch.long)]
+
+
+def baseline_selector(lsa: LSAConfig,
+                      traces: dict[str, list[torch.Tensor]] | None = None) -> Selector | None:
+    """The selector of every mode but ``lsa`` (whose neural indexer the caller owns), or None."""
+    if lsa.mode == "full":
+        return FullSelector()
+    if lsa.mode == "recency":
+        return RecencySelector()
+    if lsa.mode == "random":
+        return RandomSelector(lsa.seed)
+    if lsa.mode == "oracle":
+        if traces is None:
+            raise ValueError("the oracle mode needs a full-attention trace (single-process "
+                             "engine only)")
+        return OracleSelector(traces, lsa.oracle_window)
+    return None
