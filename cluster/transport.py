@@ -110,6 +110,8 @@ class TorchDistTransport:
 
     def stage(self, plan: TransferPlan, payload: torch.Tensor) -> None:
         _check(plan, payload)
+        if payload.device != self.device:  # from the store's host tier: NCCL sends GPU memory
+            payload = payload.to(self.device)
         self._staged[plan.transfer_id] = payload.contiguous()
 
     def send(self, plan: TransferPlan) -> None:

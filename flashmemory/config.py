@@ -77,6 +77,7 @@ class EngineConfig:
     indexer: str = "minilm"  # alias or a sentence-transformers directory
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     prefill_piece_tokens: int = 8192
+    store_capacity_gb: float | None = None  # chunk store's device tier; beyond it, pinned host
     lsa: LSAConfig = field(default_factory=LSAConfig)
 
     def __post_init__(self) -> None:
@@ -84,6 +85,13 @@ class EngineConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.prefill_piece_tokens < 1:
             raise ValueError("prefill_piece_tokens must be >= 1")
+        if self.store_capacity_gb is not None and self.store_capacity_gb < 0:
+            raise ValueError("store_capacity_gb must be >= 0")
+
+    @property
+    def store_capacity_bytes(self) -> int | None:
+        gb = self.store_capacity_gb
+        return None if gb is None else int(gb * 2**30)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -108,7 +108,7 @@ class LLM:
         if getattr(self, "store", None) is None or self.store.chunk_size != chunk_size:
             dt, dev = self.config.torch_dtype, self.config.device
             self.store = ChunkStore(mc.num_layers, mc.num_kv_heads, mc.head_dim, chunk_size, dt,
-                                    dev)
+                                    dev, self.config.store_capacity_bytes)
             self.pool = ChunkPool(self.store.shape, dt, dev)
 
     def _prefill(self, store_id: str, prompt: Prompt, chunk_size: int,

@@ -1,7 +1,9 @@
 """Prefill-side chunk store: every request's prompt KV as chunks of C tokens holding all layers.
 
 Written by prefill (``prefill.runner``), read by the chunk transport when decode fetches chunks.
-It is the one place that knows where a chunk lives and what token/text span it covers.
+It is the one place that knows where a chunk lives and what token/text span it covers. Two
+tiers: the store's device first (GPU memory, up to ``capacity_bytes``), then pinned host memory:
+when a new request does not fit, the oldest requests move to the host tier.
 """
 
 from __future__ import annotations
@@ -45,11 +47,14 @@ class ChunkStore:
         chunk_size: int,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        capacity_bytes: int | None = None,
     ) -> None:
         self.shape = (num_layers, 2, num_kv_heads, chunk_size, head_dim)
         self.chunk_size = chunk_size
         self.dtype, self.device = dtype, torch.device(device)
-        self._entries: dict[str, _Entry] = {}
+        self.capacity_bytes = capacity_bytes  # of the first tier; None = unbounded
+        self._entries: dict[str, _Entry] = {}  # insertion order = age (oldest spills first)
+        self.spilled_bytes = 0  # total moved to the host tier, for metrics
 
     # -- prefill side -------------------------------------------------------------------------
     def allocate(self, request_id: str, num_tokens: int, offsets: list[tuple[int, int]],
@@ -63,7 +68,11 @@ class ChunkStore:
         for i in range(n):
             t0, t1 = i * c, min((i + 1) * c, num_tokens)
             metas.append(ChunkMeta(i, t0, t1, offsets[t0][0], offsets[t1 - 1][1]))
-        kv = torch.empty((n, *self.shape), dtype=self.dtype, device=self.device)
+        need = n * self._chunk_bytes()
+        kv = torch.empty((n, *self.shape), dtype=self.dtype,
+                         device=self.device if self._make_room(need) else "cpu")
+        if not self._on_device(kv):
+            kv = _pin(kv)
         kv[-1].zero_()  # only the last chunk has padding; prefill writes every other slot
         self._entries[request_id] = _Entry(kv, metas, text, num_tokens)
         return metas
@@ -90,6 +99,40 @@ class ChunkStore:
         e = self._entries[request_id]
         idx = torch.tensor(chunk_ids, dtype=torch.long, device=e.kv.device)
         return e.kv.index_select(0, idx)
+
+    def location(self, request_id: str) -> str:
+        """Where a request's chunks live: the device, or ``cpu-pinned`` / ``cpu`` (host tier)."""
+        kv = self._entries[request_id].kv
+        if self._on_device(kv):
+            return str(kv.device)
+        return "cpu-pinned" if kv.is_pinned() else "cpu"
+
+    def _chunk_bytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+    def device_bytes(self) -> int:
+        return sum(e.kv.nbytes for e in self._entries.values() if self._on_device(e.kv))
+
+    def _on_device(self, t: torch.Tensor) -> bool:
+        """In the first tier? (compares device types: ``cuda`` and ``cuda:0`` are the same)"""
+        return t.device.type == self.device.type
+
+    def _make_room(self, need: int) -> bool:
+        """Spill the oldest device-tier requests to host memory until ``need`` bytes fit."""
+        if self.capacity_bytes is None or self.device.type == "cpu":
+            return True  # one tier only: host memory is the device
+        if need > self.capacity_bytes:
+            return False  # larger than the whole first tier: goes straight to the host tier
+        for e in self._entries.values():
+            if self.device_bytes() + need <= self.capacity_bytes:
+                break
+            if self._on_device(e.kv):
+                e.kv = _pin(e.kv.to("cpu"))
+                self.spilled_bytes += e.kv.nbytes
+        return self.device_bytes() + need <= self.capacity_bytes
 
     def metas(self, request_id: str) -> list[ChunkMeta]:
         return self._entries[request_id].metas
@@ -118,4 +161,9 @@ class ChunkStore:
         kv = self._entries[request_id].kv[:, layer]  # (n, 2, Hkv, C, D)
         n = kv.shape[0]
         flat = kv.permute(1, 2, 0, 3, 4).reshape(2, kv.shape[2], n * self.chunk_size, kv.shape[4])
-        return flat[:, :, :num_tokens]
+        return flat[:, :, :num_tokens].to(self.device)  # from either tier to where prefill runs
+
+
+def _pin(t: torch.Tensor) -> torch.Tensor:
+    """Page-locked host memory when a GPU exists (fast, async copies); plain memory otherwise."""
+    return t.pin_memory() if torch.cuda.is_available() else t

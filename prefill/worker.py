@@ -35,7 +35,7 @@ class PrefillWorker:
         mc = self.bb.model.config
         e = cfg.engine
         self.store = ChunkStore(mc.num_layers, mc.num_kv_heads, mc.head_dim, e.lsa.chunk_size,
-                                e.torch_dtype, e.device)
+                                e.torch_dtype, e.device, e.store_capacity_bytes)
         self.transport = make_transport(cfg)
         self._encoder: Any = None
         self.bytes_sent = 0

@@ -40,14 +40,15 @@ def server():
 
     from flashmemory.cluster.serve_app import build
 
-    metrics_port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
-             _metrics_export_port=metrics_port)
+    metrics_port, dashboard_port = _free_port(), _free_port()
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_port=dashboard_port,
+             logging_level="WARNING", _metrics_export_port=metrics_port)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(dict(ARGS)), name="flashmemory", route_prefix="/")
     client = ClusterClient(connect_workers(cluster_config_from_dict(dict(ARGS))))
-    yield f"http://127.0.0.1:{port}", client, f"http://127.0.0.1:{metrics_port}/metrics"
+    yield (f"http://127.0.0.1:{port}", client, f"http://127.0.0.1:{metrics_port}/metrics",
+           f"http://127.0.0.1:{dashboard_port}")
     serve.shutdown()
     ray.shutdown()
 
@@ -239,3 +240,25 @@ def test_metrics_exported_from_every_actor(server, oai) -> None:
             break
         time.sleep(2)
     assert want <= seen, sorted(want - seen)
+
+
+def test_ray_job_submit_evaluates_through_the_cluster(server, tmp_path) -> None:
+    """The batch path users take: a Ray job running `flashmemory eval --cluster auto`."""
+    import sys
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    jobs = JobSubmissionClient(server[3])
+    out = tmp_path / "job"
+    job = jobs.submit_job(
+        entrypoint=f"{sys.executable} -m flashmemory eval --cluster auto --suite ruler-niah "
+                   f"--lengths 1024 --modes full,lsa --samples 1 --value-kinds numbers "
+                   f"--max-tokens 12 --out {out}",
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}})
+    deadline = time.time() + 300
+    while jobs.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                           JobStatus.STOPPED} and time.time() < deadline:
+        time.sleep(2)
+    logs = jobs.get_job_logs(job)
+    assert jobs.get_job_status(job) == JobStatus.SUCCEEDED, logs[-2000:]
+    assert (out / "results.parquet").exists() and "| lsa |" in (out / "summary.md").read_text()
