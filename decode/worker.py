@@ -24,6 +24,7 @@ from flashmemory.decode.chunk_pool import ChunkPool
 from flashmemory.decode.loop import DecodeLoop, Sequence
 from flashmemory.indexer.base import ResidencyState
 from flashmemory.indexer.selectors import FullSelector
+from flashmemory.sampling import make_generator
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +136,7 @@ class DecodeWorker:
                         self._publish(s)
 
     def _admit(self, task: DecodeTask) -> None:
-        gen = None
-        if task.sampling.temperature > 0:
-            seed = task.sampling.seed if task.sampling.seed is not None else 0
-            gen = torch.Generator().manual_seed(seed + 1)  # prefill used ``seed`` for token 1
+        gen = make_generator(task.sampling, offset=1)  # prefill used ``seed`` for token 1
         s = Sequence(task.request_id, task.request_id, task.prompt, task.sampling, task.lsa,
                      FullSelector(), time.perf_counter(), gen)
         self._tasks[s.rid] = task

@@ -23,6 +23,7 @@ from flashmemory.indexer.selectors import baseline_selector
 from flashmemory.model.loader import load_model, load_tokenizer, resolve
 from flashmemory.prefill.chunk_store import ChunkStore
 from flashmemory.prefill.runner import prefill
+from flashmemory.sampling import make_generator
 from flashmemory.types import Messages, Prompt, RequestOutput, tokenize_prompt
 
 logger = logging.getLogger(__name__)
@@ -136,10 +137,8 @@ class LLM:
     def _new_seq(self, store_id: str, prompt: Prompt, params: SamplingParams, lsa: LSAConfig,
                  start: float, traces: dict[str, list[torch.Tensor]] | None) -> Sequence:
         rid = f"{store_id}-{lsa.mode}-{next(self._ids)}"
-        gen = None
-        if params.temperature > 0:
-            gen = torch.Generator().manual_seed(params.seed if params.seed is not None else 0)
-        return Sequence(rid, store_id, prompt, params, lsa, self._selector(lsa, traces), start, gen)
+        return Sequence(rid, store_id, prompt, params, lsa, self._selector(lsa, traces), start,
+                        make_generator(params))
 
     def _oracle_traces(self, store_id: str, prompt: Prompt, sampling: SamplingParams,
                        configs: list[LSAConfig], first: torch.Tensor,

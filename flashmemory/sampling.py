@@ -7,6 +7,13 @@ import torch
 from flashmemory.config import SamplingParams
 
 
+def make_generator(params: SamplingParams, offset: int = 0) -> torch.Generator | None:
+    """The request's CPU generator (seed, default 0, plus ``offset``); None when greedy."""
+    if params.temperature == 0.0:
+        return None
+    return torch.Generator().manual_seed((params.seed or 0) + offset)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     """logits: (vocab,) -> one token id (sampled on the CPU, where the generator lives)."""
     if params.temperature == 0.0:

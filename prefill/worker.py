@@ -8,8 +8,6 @@ import logging
 import time
 from typing import Any
 
-import torch
-
 from flashmemory.cluster.config import ClusterConfig
 from flashmemory.cluster.messages import PrefillReply, PrefillTask
 from flashmemory.cluster.metrics import Metrics
@@ -22,7 +20,7 @@ from flashmemory.cluster.runtime import (
 from flashmemory.cluster.transport import TorchDistTransport, TransferPlan
 from flashmemory.prefill.chunk_store import ChunkStore
 from flashmemory.prefill.runner import prefill
-from flashmemory.sampling import sample
+from flashmemory.sampling import make_generator, sample
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +66,7 @@ class PrefillWorker:
                 import ray
 
                 ray.get(self.indexer.register.remote(task.request_id, emb, owner))
-            gen = None
-            if task.sampling.temperature > 0:
-                seed = task.sampling.seed if task.sampling.seed is not None else 0
-                gen = torch.Generator().manual_seed(seed)
-            first = sample(res.logits, task.sampling, gen)
+            first = sample(res.logits, task.sampling, make_generator(task.sampling))
         except Exception:
             self.store.free(task.request_id)
             raise
