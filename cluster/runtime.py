@@ -1,29 +1,15 @@
-"""Per-process set-up shared by the workers: threads, model loading, transport construction."""
+"""Per-process set-up shared by the workers: threads, environment, transport construction."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from flashmemory.cluster.config import ClusterConfig
 from flashmemory.cluster.transport import ChunkTransport, IpcTransport, TorchDistTransport
-from flashmemory.model.llama import CausalLM
-from flashmemory.model.loader import load_model, load_tokenizer, resolve
-
-
-@dataclass
-class Backbone:
-    """What every worker loads: the model, its tokenizer and the stop tokens."""
-
-    model: CausalLM
-    tokenizer: Any
-    eos_ids: set[int]
-    max_model_len: int
 
 
 def setup_process(cfg: ClusterConfig) -> None:
@@ -33,17 +19,6 @@ def setup_process(cfg: ClusterConfig) -> None:
         os.environ.setdefault(key, value)
     torch.set_num_threads(cfg.torch_threads)
     logging.basicConfig(level=logging.INFO)
-
-
-def load_backbone(cfg: ClusterConfig) -> Backbone:
-    e = cfg.engine
-    src = resolve(e.model)
-    model = load_model(src, e.torch_dtype, e.device)
-    tok = load_tokenizer(src)
-    eos = set(model.config.eos_token_ids)
-    if tok.eos_token_id is not None:
-        eos.add(tok.eos_token_id)
-    return Backbone(model, tok, eos, e.max_model_len or model.config.max_position_embeddings)
 
 
 def make_transport(cfg: ClusterConfig) -> ChunkTransport:

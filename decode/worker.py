@@ -18,12 +18,14 @@ import torch
 from flashmemory.cluster.config import ClusterConfig
 from flashmemory.cluster.messages import DecodeTask, TokenEvent
 from flashmemory.cluster.metrics import Metrics
-from flashmemory.cluster.runtime import load_backbone, make_transport, setup_process
+from flashmemory.cluster.runtime import make_transport, setup_process
 from flashmemory.cluster.transport import TorchDistTransport, TransferPlan
 from flashmemory.decode.chunk_pool import ChunkPool
 from flashmemory.decode.loop import DecodeLoop, Sequence
 from flashmemory.indexer.base import ResidencyState
 from flashmemory.indexer.selectors import FullSelector
+from flashmemory.model.loader import load_backbone
+from flashmemory.prefill.chunk_store import chunk_shape
 from flashmemory.sampling import make_generator
 
 logger = logging.getLogger(__name__)
@@ -35,9 +37,10 @@ class DecodeWorker:
         setup_process(cfg)
         self.cfg, self.rank, self.index = cfg, rank, index
         self.indexer, self.prefills = indexer, prefills
-        self.bb = load_backbone(cfg)
-        mc, e = self.bb.model.config, cfg.engine
-        shape = (mc.num_layers, 2, mc.num_kv_heads, e.lsa.chunk_size, mc.head_dim)
+        e = cfg.engine
+        self.bb = load_backbone(e.model, e.torch_dtype, e.device, e.max_model_len)
+        mc = self.bb.model.config
+        shape = chunk_shape(mc.num_layers, mc.num_kv_heads, mc.head_dim, e.lsa.chunk_size)
         self.pool = ChunkPool(shape, e.torch_dtype, e.device)
         self.transport = make_transport(cfg)
         self.loop = DecodeLoop(self.bb.model, self.pool, self.bb.tokenizer, self.bb.eos_ids,

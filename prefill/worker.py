@@ -12,12 +12,12 @@ from flashmemory.cluster.config import ClusterConfig
 from flashmemory.cluster.messages import PrefillReply, PrefillTask
 from flashmemory.cluster.metrics import Metrics
 from flashmemory.cluster.runtime import (
-    load_backbone,
     make_transport,
     rendezvous_address,
     setup_process,
 )
 from flashmemory.cluster.transport import TorchDistTransport, TransferPlan
+from flashmemory.model.loader import load_backbone
 from flashmemory.prefill.chunk_store import ChunkStore
 from flashmemory.prefill.runner import prefill
 from flashmemory.sampling import make_generator, sample
@@ -29,9 +29,9 @@ class PrefillWorker:
     def __init__(self, cfg: ClusterConfig, rank: int, indexer: Any) -> None:
         setup_process(cfg)
         self.cfg, self.rank, self.indexer = cfg, rank, indexer
-        self.bb = load_backbone(cfg)
-        mc = self.bb.model.config
         e = cfg.engine
+        self.bb = load_backbone(e.model, e.torch_dtype, e.device, e.max_model_len)
+        mc = self.bb.model.config
         self.store = ChunkStore(mc.num_layers, mc.num_kv_heads, mc.head_dim, e.lsa.chunk_size,
                                 e.torch_dtype, e.device, e.store_capacity_bytes)
         self.transport = make_transport(cfg)
