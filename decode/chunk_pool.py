@@ -90,7 +90,7 @@ class ChunkPool:
         if len(new) != len(chunk_ids):
             raise ValueError(f"chunks already resident for {request_id!r}")
         pages = self.alloc(len(chunk_ids))
-        dst = torch.tensor(pages, device=self.kv.device)
+        dst = torch.tensor(pages, dtype=torch.long, device=self.kv.device)
         self.kv[dst] = payload.to(self.kv.device, self.kv.dtype)
         table.pages.update(zip(chunk_ids, pages, strict=True))
 

@@ -16,7 +16,8 @@ import torch
 
 from flashmemory.config import LSAConfig, SamplingParams
 from flashmemory.decode.chunk_pool import ChunkPool
-from flashmemory.decode.step import AttentionRecorder, decode_step
+from flashmemory.decode.runner import DecodeRunner
+from flashmemory.decode.step import AttentionRecorder
 from flashmemory.indexer.base import ResidencyState, Selector, plan_resident
 from flashmemory.model.llama import CausalLM
 from flashmemory.prefill.chunk_store import ChunkStore
@@ -66,8 +67,10 @@ class DecodeLoop:
     """
 
     def __init__(self, model: CausalLM, pool: ChunkPool, tokenizer: Any, eos_ids: set[int],
-                 max_model_len: int, fetch: Fetch, select: Select | None = None) -> None:
+                 max_model_len: int, fetch: Fetch, select: Select | None = None,
+                 runner: DecodeRunner | None = None) -> None:
         self.model, self.pool, self.tokenizer = model, pool, tokenizer
+        self.runner = runner or DecodeRunner(model, pool)
         self.eos_ids, self.max_model_len = eos_ids, max_model_len
         self.fetch = fetch
         self.select: Select = select or (
@@ -76,10 +79,11 @@ class DecodeLoop:
 
     @classmethod
     def local(cls, model: CausalLM, store: ChunkStore, pool: ChunkPool, tokenizer: Any,
-              eos_ids: set[int], max_model_len: int) -> DecodeLoop:
+              eos_ids: set[int], max_model_len: int,
+              runner: DecodeRunner | None = None) -> DecodeLoop:
         """A loop whose chunks come straight from an in-process chunk store."""
         return cls(model, pool, tokenizer, eos_ids, max_model_len,
-                   lambda s, ids: store.read(s.store_id, ids))
+                   lambda s, ids: store.read(s.store_id, ids), runner=runner)
 
     def run(self, seqs: list[Sequence], first_logits: dict[str, torch.Tensor],
             recorder: AttentionRecorder | None = None) -> list[RequestOutput]:
@@ -127,7 +131,7 @@ class DecodeLoop:
             return done
         # 2. one batched forward over resident chunks only
         batch = [(s.rid, s.last_token) for s in self.active]
-        logits = decode_step(self.model, self.pool, batch, recorder)
+        logits = self.runner.step(batch, recorder)
         # 3. sample, measure, retire
         for s, lg in zip(list(self.active), logits, strict=True):
             s.steps += 1

@@ -22,6 +22,7 @@ from flashmemory.cluster.runtime import make_transport, setup_process
 from flashmemory.cluster.transport import TorchDistTransport, TransferPlan
 from flashmemory.decode.chunk_pool import ChunkPool
 from flashmemory.decode.loop import DecodeLoop, Sequence
+from flashmemory.decode.runner import DecodeRunner
 from flashmemory.indexer.base import ResidencyState
 from flashmemory.indexer.selectors import FullSelector
 from flashmemory.model.loader import load_backbone
@@ -44,7 +45,8 @@ class DecodeWorker:
         self.pool = ChunkPool(shape, e.torch_dtype, e.device)
         self.transport = make_transport(cfg)
         self.loop = DecodeLoop(self.bb.model, self.pool, self.bb.tokenizer, self.bb.eos_ids,
-                               self.bb.max_model_len, self._fetch, self._select)
+                               self.bb.max_model_len, self._fetch, self._select,
+                               DecodeRunner(self.bb.model, self.pool, e.attention, e.cuda_graphs))
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._sent: dict[str, int] = {}  # chars of text already streamed per request

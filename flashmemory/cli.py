@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flashmemory.config import MODES, EngineConfig, LSAConfig, SamplingParams
+from flashmemory.config import ATTENTIONS, MODES, EngineConfig, LSAConfig, SamplingParams
 from flashmemory.types import RequestOutput
 
 if TYPE_CHECKING:
@@ -90,6 +90,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--indexer", default="minilm", help="minilm or a sentence-transformers dir")
     g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    g.add_argument("--attention", choices=ATTENTIONS, default="auto",
+                   help="decode attention: triton kernel (GPU) or torch (default: auto)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run GPU decode steps eagerly")
     g = p.add_argument_group("LSA")
     g.add_argument("--budget", type=float, default=0.1, help="fraction of prompt chunks kept")
     g.add_argument("--budget-tokens", type=int, help="token budget (overrides --budget)")
@@ -161,7 +165,8 @@ def _engine(args: argparse.Namespace, lsa: LSAConfig, uses_indexer: bool) -> Eng
     from flashmemory.model.loader import resolve
 
     cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                       indexer=args.indexer, lsa=lsa)
+                       indexer=args.indexer, attention=args.attention,
+                       cuda_graphs=args.cuda_graphs, lsa=lsa)
     resolve(cfg.model)
     if uses_indexer:
         from flashmemory.indexer.neural import resolve_indexer

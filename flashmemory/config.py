@@ -10,6 +10,8 @@ import torch
 
 Mode = Literal["full", "lsa", "recency", "random", "oracle"]
 MODES: tuple[str, ...] = get_args(Mode)
+Attention = Literal["auto", "torch", "triton"]
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,11 +80,16 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     prefill_piece_tokens: int = 8192
     store_capacity_gb: float | None = None  # chunk store's device tier; beyond it, pinned host
+    attention: Attention = "auto"  # decode attention: triton kernel on GPU, torch SDPA on CPU
+    cuda_graphs: bool = True  # replay captured decode steps (GPU + triton only)
     lsa: LSAConfig = field(default_factory=LSAConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; choose one of "
+                             f"{', '.join(ATTENTIONS)}")
         if self.prefill_piece_tokens < 1:
             raise ValueError("prefill_piece_tokens must be >= 1")
         if self.store_capacity_gb is not None and self.store_capacity_gb < 0:

@@ -17,6 +17,7 @@ import torch
 from flashmemory.config import EngineConfig, LSAConfig, SamplingParams
 from flashmemory.decode.chunk_pool import ChunkPool
 from flashmemory.decode.loop import DecodeLoop, Sequence
+from flashmemory.decode.runner import DecodeRunner
 from flashmemory.decode.step import AttentionRecorder
 from flashmemory.indexer.base import Selector
 from flashmemory.indexer.selectors import baseline_selector
@@ -108,6 +109,8 @@ class LLM:
             self.store = ChunkStore(mc.num_layers, mc.num_kv_heads, mc.head_dim, chunk_size, dt,
                                     dev, self.config.store_capacity_bytes)
             self.pool = ChunkPool(self.store.shape, dt, dev)
+            self.runner = DecodeRunner(self.model, self.pool, self.config.attention,
+                                       self.config.cuda_graphs)  # graphs live with the pool
 
     def _prefill(self, store_id: str, prompt: Prompt, chunk_size: int,
                  embed: bool) -> torch.Tensor:
@@ -150,7 +153,7 @@ class LLM:
     def _decode(self, seqs: list[Sequence], firsts: dict[str, torch.Tensor],
                 recorder: AttentionRecorder | None = None) -> list[RequestOutput]:
         loop = DecodeLoop.local(self.model, self.store, self.pool, self.tokenizer, self.eos_ids,
-                                self.max_model_len)
+                                self.max_model_len, self.runner)
         return loop.run(seqs, firsts, recorder)
 
     def _release(self, store_id: str) -> None:

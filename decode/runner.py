@@ -1,0 +1,198 @@
+"""Runs decode steps for the decode loop: the torch path, or the Triton LSA kernel in CUDA graphs.
+
+``DecodeLoop`` calls ``DecodeRunner.step`` once per step. On a GPU each layer reads the resident
+pages in place (``kernels.lsa_decode``) and the whole step is replayed from a CUDA graph captured
+per (batch, table width) bucket; the chunk table is rewritten outside the graph, before replay.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from flashmemory.config import Attention
+from flashmemory.decode.chunk_pool import ChunkPool
+from flashmemory.decode.step import AttentionRecorder, decode_step
+from flashmemory.kernels.lsa_decode import block_size, default_splits, lsa_decode
+from flashmemory.model.llama import CausalLM
+
+logger = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass
+class StepInputs:
+    """One step's device inputs; graphs own one of these and replay reads it in place."""
+
+    ids: torch.Tensor  # (B,) int64 last token of each request
+    positions: torch.Tensor  # (B,) int64 absolute position of that token
+    write_pages: torch.Tensor  # (B,) int64 page receiving the token's K/V
+    write_slots: torch.Tensor  # (B,) int64 slot inside that page
+    table: torch.Tensor  # (B, M) int32 resident pages in chunk order (the open page last)
+    seq_lens: torch.Tensor  # (B,) int32 valid tokens over those pages, the new one included
+
+    @classmethod
+    def empty(cls, batch: int, width: int, device: torch.device) -> StepInputs:
+        z = dict(dtype=torch.int64, device=device)
+        return cls(torch.zeros(batch, **z), torch.zeros(batch, **z), torch.zeros(batch, **z),
+                   torch.zeros(batch, **z),
+                   torch.zeros((batch, width), dtype=torch.int32, device=device),
+                   torch.ones(batch, dtype=torch.int32, device=device))
+
+    def fill(self, src: StepInputs) -> None:
+        """Copy a smaller host-built step into these buffers; rows past it stay padding."""
+        b, w = src.ids.shape[0], src.table.shape[1]
+        for name in ("ids", "positions", "write_pages", "write_slots", "seq_lens"):
+            getattr(self, name)[:b].copy_(getattr(src, name), non_blocking=True)
+        self.table[:b, :w].copy_(src.table, non_blocking=True)
+
+
+class PagedBackend:
+    """AttentionBackend: writes the new K/V into its page slot, then runs the LSA kernel."""
+
+    def __init__(self, pool: ChunkPool, inputs: StepInputs, num_splits: int) -> None:
+        self.pool, self.inputs, self.num_splits = pool, inputs, num_splits
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        x = self.inputs
+        kv = self.pool.kv[:, layer]  # (P, 2, Hkv, C, D) a view: pages are read in place
+        kv[x.write_pages, 0, :, x.write_slots] = k.to(kv.dtype)
+        kv[x.write_pages, 1, :, x.write_slots] = v.to(kv.dtype)
+        return lsa_decode(q, kv, x.table, x.seq_lens, num_splits=self.num_splits)
+
+
+class _Graph:
+    """A decode step captured for ``batch`` rows and a table ``width``; padding rows write and
+    read only the runner's scratch page, so they never touch a request's KV."""
+
+    def __init__(self, runner: DecodeRunner, batch: int, width: int, scratch: int) -> None:
+        self.batch, self.scratch, self.kv_ptr = batch, scratch, runner.pool.kv.data_ptr()
+        self.inputs = StepInputs.empty(batch, width, runner.device)
+        self.pad(0)
+        backend = PagedBackend(runner.pool, self.inputs, runner.splits_for(batch, width))
+        model, x = runner.model, self.inputs
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up: Triton compiles, cuBLAS picks its kernels
+            for _ in range(2):
+                model.logits(model(x.ids, x.positions, backend))
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=runner.graph_pool):
+            self.logits = model.logits(model(x.ids, x.positions, backend))  # (batch, vocab)
+
+    def pad(self, start: int) -> None:
+        x = self.inputs
+        x.write_pages[start:] = self.scratch
+        x.write_slots[start:] = 0
+        x.seq_lens[start:] = 1
+        x.table[start:] = self.scratch
+
+    def run(self, step: StepInputs) -> torch.Tensor:
+        b = step.ids.shape[0]
+        self.inputs.fill(step)
+        if b < self.batch:
+            self.pad(b)
+        self.graph.replay()
+        return self.logits[:b].clone()
+
+
+class DecodeRunner:
+    """One decode step for a batch: ``torch`` (gather + SDPA, CPU) or ``triton`` (in place)."""
+
+    def __init__(self, model: CausalLM, pool: ChunkPool, attention: Attention = "auto",
+                 cuda_graphs: bool = True) -> None:
+        if attention not in ("auto", "torch", "triton"):
+            raise ValueError(f"unknown attention {attention!r}; choose auto, torch or triton")
+        self.model, self.pool = model, pool
+        self.device = pool.kv.device
+        if attention == "auto":  # the kernel reads 16-token blocks: smaller chunks use torch
+            gpu = self.device.type == "cuda" and pool.chunk_size % 16 == 0
+            attention = "triton" if gpu else "torch"
+        self.attention = attention
+        self.use_graphs = cuda_graphs and attention == "triton" and self.device.type == "cuda"
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.scratch: int | None = None  # page that padding rows of a graph write into
+        self.replays = 0
+
+    def splits_for(self, batch: int, width: int) -> int:
+        hkv = self.model.config.num_kv_heads
+        blocks = width * (self.pool.chunk_size // block_size(self.pool.chunk_size))
+        sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+               if self.device.type == "cuda" else 132)
+        return default_splits(batch, hkv, blocks, sms)
+
+    @torch.no_grad()
+    def step(self, batch: list[tuple[str, int]],
+             recorder: AttentionRecorder | None = None) -> torch.Tensor:
+        """batch = [(request_id, last_token)] -> fp32 logits (B, vocab); advances each request."""
+        if self.attention == "torch" or recorder is not None:
+            return decode_step(self.model, self.pool, batch, recorder)  # records attention mass
+        # 1. reserve slots and lay out each request's resident pages (host side)
+        step = self._plan(batch)
+        # 2. forward: replay the bucket's graph (table rewritten outside it) or run eagerly
+        graph = self._graph_for(len(batch), step.table.shape[1]) if self.use_graphs else None
+        if graph is not None:
+            logits = graph.run(step)
+            self.replays += 1
+        else:
+            dev = self._to_device(step)
+            width = dev.table.shape[1]
+            backend = PagedBackend(self.pool, dev, self.splits_for(len(batch), width))
+            logits = self.model.logits(self.model(dev.ids, dev.positions, backend))
+        # 3. the new tokens are now part of each sequence
+        for rid, _ in batch:
+            self.pool.tables[rid].num_tokens += 1
+        return logits
+
+    def _plan(self, batch: list[tuple[str, int]]) -> StepInputs:
+        pool, c = self.pool, self.pool.chunk_size
+        rows, pages, slots, lens, pos = [], [], [], [], []
+        for rid, _ in batch:
+            page, slot = pool.ensure_slot(rid)
+            table = pool.tables[rid]
+            chunks = sorted(table.pages)
+            rows.append([table.pages[i] for i in chunks])
+            pages.append(page)
+            slots.append(slot)
+            lens.append((len(chunks) - 1) * c + slot + 1)
+            pos.append(table.num_tokens)
+        width = _bucket(max(len(r) for r in rows), 16)
+        tab = torch.zeros((len(batch), width), dtype=torch.int32)
+        for i, r in enumerate(rows):
+            tab[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
+        ids = torch.tensor([t for _, t in batch], dtype=torch.int64)
+        step = StepInputs(ids, torch.tensor(pos), torch.tensor(pages), torch.tensor(slots), tab,
+                          torch.tensor(lens, dtype=torch.int32))
+        return step
+
+    def _to_device(self, step: StepInputs) -> StepInputs:
+        return StepInputs(*(t.to(self.device, non_blocking=True) for t in (
+            step.ids, step.positions, step.write_pages, step.write_slots, step.table,
+            step.seq_lens)))
+
+    def _graph_for(self, batch: int, width: int) -> _Graph | None:
+        bb = next((b for b in BATCH_BUCKETS if b >= batch), None)
+        if bb is None:
+            return None  # larger than any bucket: eager
+        if self.scratch is None:
+            self.scratch = self.pool.alloc(1)[0]  # may grow the pool: before the pointer check
+        if self.graphs and next(iter(self.graphs.values())).kv_ptr != self.pool.kv.data_ptr():
+            logger.info("chunk pool grew: re-capturing decode graphs")
+            self.graphs.clear()  # the pool was reallocated; old graphs point at freed memory
+        key = (bb, width)
+        if key not in self.graphs:
+            self.graphs[key] = _Graph(self, bb, width, self.scratch)
+        return self.graphs[key]
+
+
+def _bucket(n: int, least: int) -> int:
+    """Smallest power of two >= max(n, least): graph keys stay few."""
+    b = least
+    while b < n:
+        b *= 2
+    return b
