@@ -109,7 +109,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Lookahead Sparse Attention inference.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,eval,serve}")
+                                metavar="{generate,eval,serve,bench}")
     gen = sub.add_parser("generate", help="answer one prompt")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-file", help="file holding the prompt ('-' = stdin)")
@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flashmemory.cluster import serve_cli
 
     serve_cli.add_parser(sub).set_defaults(func=serve_cli.run)
+    from flashmemory.bench import cli as bench_cli
+
+    bench_cli.add_parser(sub, _lengths, _csv)
     return parser
 
 

@@ -187,13 +187,14 @@ def _check(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
 
 def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, scale: float | None = None, num_splits: int | None = None,
-               num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+               num_warps: int = 4, num_stages: int = 2,
+               block_n: int | None = None) -> torch.Tensor:
     """Decode attention of q over resident pages, read in place; shapes as ``lsa_decode_ref``.
 
     Every seq_lens entry must be >= 1 and the table must hold ceil(seq_len / C) valid pages per
     request (not checked on the device: the launch never synchronizes, so it can be captured in a
     CUDA graph). ``num_splits`` is fixed per launch; each request divides its own chunks into that
-    many splits, so ragged batches stay balanced.
+    many splits, so ragged batches stay balanced. ``block_n`` tokens are read per iteration.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -201,7 +202,9 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
     b, hq, d = q.shape
     hkv, c = kv.shape[2], kv.shape[3]
     group = hq // hkv
-    bn = block_size(c)
+    bn = block_size(c) if block_n is None else block_n
+    if bn < 16 or bn & (bn - 1) or c % bn:
+        raise ValueError(f"block_n must be a power of two >= 16 dividing chunk size {c}, got {bn}")
     if num_splits is None:
         max_blocks = block_table.shape[1] * (c // bn)
         sms = (torch.cuda.get_device_properties(q.device).multi_processor_count

@@ -30,10 +30,11 @@ class ChunkMeta:
 
 @dataclass
 class _Entry:
-    kv: torch.Tensor  # (num_chunks, L, 2, Hkv, C, D) prompt KV, zero-padded in the last chunk
+    kv: torch.Tensor | None  # (num_chunks, L, 2, Hkv, C, D) prompt KV, last chunk zero-padded
     metas: list[ChunkMeta]
     text: str
     num_tokens: int
+    seed: int | None = None  # synthetic context: kv is None, chunks are drawn on read
 
 
 def chunk_shape(num_layers: int, num_kv_heads: int, head_dim: int,
@@ -83,6 +84,22 @@ class ChunkStore:
         self._entries[request_id] = _Entry(kv, metas, text, num_tokens)
         return metas
 
+    def add_synthetic(self, request_id: str, num_tokens: int, seed: int = 0) -> list[ChunkMeta]:
+        """A context of ``num_tokens`` random-KV tokens that no prefill ran (for benchmarks).
+
+        Nothing is stored: ``read`` draws each chunk from a generator seeded by (seed, chunk), so
+        the same chunk reads the same every time and contexts of 1M+ tokens cost no memory.
+        """
+        if request_id in self._entries:
+            raise ValueError(f"request {request_id!r} already has chunks")
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        c = self.chunk_size
+        metas = [ChunkMeta(i, i * c, min((i + 1) * c, num_tokens), 0, 0)
+                 for i in range(-(-num_tokens // c))]
+        self._entries[request_id] = _Entry(None, metas, "", num_tokens, seed)
+        return metas
+
     def write_layer(self, request_id: str, layer: int, start: int, k: torch.Tensor,
                     v: torch.Tensor) -> None:
         """Write K/V (T, Hkv, D) of tokens [start, start+T) for one layer into their chunks."""
@@ -103,12 +120,29 @@ class ChunkStore:
     def read(self, request_id: str, chunk_ids: list[int]) -> torch.Tensor:
         """Contiguous payload (n, L, 2, Hkv, C, D) of the given chunks, in the given order."""
         e = self._entries[request_id]
+        if e.kv is None:
+            return self._draw(e, chunk_ids)
         idx = torch.tensor(chunk_ids, dtype=torch.long, device=e.kv.device)
         return e.kv.index_select(0, idx)
+
+    def _draw(self, e: _Entry, chunk_ids: list[int]) -> torch.Tensor:
+        """Synthetic chunks: N(0, 1) K/V, zero past the context's last token."""
+        assert e.seed is not None
+        out = torch.empty((len(chunk_ids), *self.shape), dtype=self.dtype, device=self.device)
+        g = torch.Generator(device=self.device)
+        for i, c in enumerate(chunk_ids):
+            if not 0 <= c < len(e.metas):
+                raise IndexError(f"chunk {c} out of range ({len(e.metas)} chunks)")
+            g.manual_seed(e.seed * 1_000_003 + c)
+            out[i].normal_(generator=g)
+            out[i, :, :, :, e.metas[c].num_tokens:] = 0
+        return out
 
     def location(self, request_id: str) -> str:
         """Where a request's chunks live: the device, or ``cpu-pinned`` / ``cpu`` (host tier)."""
         kv = self._entries[request_id].kv
+        if kv is None:
+            return "synthetic"
         if self._on_device(kv):
             return str(kv.device)
         return "cpu-pinned" if kv.is_pinned() else "cpu"
@@ -120,7 +154,8 @@ class ChunkStore:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
     def device_bytes(self) -> int:
-        return sum(e.kv.nbytes for e in self._entries.values() if self._on_device(e.kv))
+        return sum(e.kv.nbytes for e in self._entries.values()
+                   if e.kv is not None and self._on_device(e.kv))
 
     def _on_device(self, t: torch.Tensor) -> bool:
         """In the first tier? (compares device types: ``cuda`` and ``cuda:0`` are the same)"""
@@ -135,7 +170,7 @@ class ChunkStore:
         for e in self._entries.values():
             if self.device_bytes() + need <= self.capacity_bytes:
                 break
-            if self._on_device(e.kv):
+            if e.kv is not None and self._on_device(e.kv):
                 e.kv = _pin(e.kv.to("cpu"))
                 self.spilled_bytes += e.kv.nbytes
         return self.device_bytes() + need <= self.capacity_bytes
@@ -157,14 +192,17 @@ class ChunkStore:
         self._entries.pop(request_id, None)
 
     def nbytes(self) -> int:
-        return sum(e.kv.numel() * e.kv.element_size() for e in self._entries.values())
+        return sum(e.kv.nbytes for e in self._entries.values() if e.kv is not None)
 
     def requests(self) -> list[str]:
         return list(self._entries)
 
     def layer_kv(self, request_id: str, layer: int, num_tokens: int) -> torch.Tensor:
         """One layer's K/V for tokens [0, num_tokens) as (2, Hkv, num_tokens, D) (a copy)."""
-        kv = self._entries[request_id].kv[:, layer]  # (n, 2, Hkv, C, D)
+        full = self._entries[request_id].kv
+        if full is None:
+            raise ValueError(f"request {request_id!r} is synthetic: it has no prefill KV")
+        kv = full[:, layer]  # (n, 2, Hkv, C, D)
         n = kv.shape[0]
         flat = kv.permute(1, 2, 0, 3, 4).reshape(2, kv.shape[2], n * self.chunk_size, kv.shape[4])
         return flat[:, :, :num_tokens].to(self.device)  # from either tier to where prefill runs

@@ -96,3 +96,21 @@ def test_sparse_decode_only_sees_resident_chunks(tiny) -> None:
     base = run(None, [0, 3, 5])
     assert torch.equal(run(2, [0, 3, 5]), base)
     assert not torch.allclose(run(3, [0, 3, 5]), base)
+
+
+def test_synthetic_context_draws_chunks_on_read() -> None:
+    store = ChunkStore(2, 1, 4, 8, torch.bfloat16)
+    metas = store.add_synthetic("s", 1_000_003, seed=7)  # 1M tokens: nothing is allocated
+    assert len(metas) == 125_001 and metas[-1].num_tokens == 3
+    assert store.nbytes() == 0 and store.location("s") == "synthetic"
+    a = store.read("s", [5, 125_000])
+    assert a.shape == (2, 2, 2, 1, 8, 4) and a.dtype == torch.bfloat16
+    assert torch.equal(store.read("s", [125_000, 5])[1], a[0])  # same chunk, same KV
+    assert a[1, :, :, :, 3:].abs().sum() == 0 and a[1, :, :, :, :3].abs().sum() > 0
+    assert not torch.equal(a[0], store.read("s", [6])[0])
+    with pytest.raises(IndexError, match="out of range"):
+        store.read("s", [125_001])
+    with pytest.raises(ValueError, match="synthetic"):
+        store.layer_kv("s", 0, 8)
+    store.free("s")
+    assert "s" not in store

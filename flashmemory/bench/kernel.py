@@ -1,0 +1,118 @@
+"""Kernel benchmark: LSA decode over resident chunks vs SDPA over the full context and over the
+same subset made contiguous, with effective bandwidth on the resident bytes."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flashmemory.bench.common import SHAPES, command, time_ms
+from flashmemory.kernels.lsa_decode import lsa_decode, resident_bytes
+
+logger = logging.getLogger(__name__)
+FULL_LIMIT = 48 * 2**30  # skip the full-context SDPA baseline when its K/V would exceed this
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    shape: str
+    context: int  # tokens of context per request
+    budget: float  # fraction of chunks resident (sink and tail chunk included)
+    batch: int
+    chunk: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    block_n: int | None = None
+
+    def argv(self) -> list[str]:
+        a = ["bench", "kernel", "--shapes", self.shape, "--contexts", str(self.context),
+             "--budgets", str(self.budget), "--batches", str(self.batch)]
+        return a if self.chunk == 64 else [*a, "--chunk-size", str(self.chunk)]
+
+
+def _resident(case: KernelCase) -> tuple[int, int]:
+    """(chunks kept, valid tokens over them): sink + random middle + the partial last chunk."""
+    n = math.ceil(case.context / case.chunk)
+    keep = min(n, max(2, round(case.budget * n)))
+    last = case.context - (n - 1) * case.chunk
+    return keep, (keep - 1) * case.chunk + last
+
+
+def run_case(case: KernelCase, hbm_read: float, baselines: bool = True) -> dict[str, Any]:
+    s = SHAPES[case.shape]
+    hq, hkv, d = s["num_heads"], s["num_kv_heads"], s["head_dim"]
+    keep, seq = _resident(case)
+    q = torch.randn((case.batch, hq, d), dtype=torch.bfloat16, device="cuda")
+    t_lsa = _lsa_ms(case, q, hkv, keep, seq)
+    torch.cuda.empty_cache()
+    nbytes = resident_bytes(torch.full((case.batch,), seq), hkv, d, q.dtype)
+    row: dict[str, Any] = dict(
+        shape=case.shape, context=case.context, budget=case.budget, batch=case.batch,
+        resident_tokens=seq, resident_MB=nbytes / 1e6, lsa_us=t_lsa * 1e3,
+        GBps=nbytes / t_lsa / 1e6, pct_hbm=100 * nbytes / (t_lsa / 1e3) / hbm_read,
+        command=command(case.argv()))
+    if baselines:
+        q4 = q.unsqueeze(2)  # (B, Hq, 1, D)
+        row["subset_us"] = _sdpa_or_none(q4, case.batch, hkv, seq, d)
+        row["full_us"] = _sdpa_or_none(q4, case.batch, hkv, case.context, d)
+        if row["full_us"] is not None:
+            row["x_vs_full"] = row["full_us"] / row["lsa_us"]
+        if row["subset_us"] is not None:
+            row["x_vs_subset"] = row["subset_us"] / row["lsa_us"]
+    return row
+
+
+def _lsa_ms(case: KernelCase, q: torch.Tensor, hkv: int, keep: int, seq: int) -> float:
+    """One layer of a pool holding every request's resident pages, scattered in random order."""
+    pages = case.batch * keep
+    d = q.shape[-1]
+    kv = torch.randn((pages + 1, 1, 2, hkv, case.chunk, d), dtype=q.dtype, device=q.device)
+    layer = kv[:, 0]  # (P, 2, Hkv, C, D) as the decode step passes it
+    table = torch.randperm(pages, device=q.device).to(torch.int32).view(case.batch, keep)
+    lens = torch.full((case.batch,), seq, dtype=torch.int32, device=q.device)
+    return time_ms(lambda: lsa_decode(q, layer, table, lens, num_warps=case.num_warps,
+                                      num_stages=case.num_stages, block_n=case.block_n))
+
+
+def _sdpa_us(q: torch.Tensor, batch: int, hkv: int, tokens: int, d: int) -> float:
+    """SDPA decode over ``tokens`` contiguous K/V tokens per request."""
+    k = torch.randn((batch, hkv, tokens, d), dtype=q.dtype, device=q.device)
+    v = torch.randn_like(k)
+    return time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)) * 1e3
+
+
+def _sdpa_or_none(q: torch.Tensor, batch: int, hkv: int, tokens: int, d: int) -> float | None:
+    if batch * hkv * tokens * d * 2 * q.element_size() > FULL_LIMIT:
+        return None
+    t = _sdpa_us(q, batch, hkv, tokens, d)
+    torch.cuda.empty_cache()
+    return t
+
+
+def cases(shapes: list[str], contexts: list[int], budgets: list[float], batches: list[int],
+          chunk: int) -> list[KernelCase]:
+    return [KernelCase(s, c, b, n, chunk)
+            for s, c, b, n in itertools.product(shapes, contexts, budgets, batches)]
+
+
+def sweep(case: KernelCase, hbm_read: float) -> list[dict[str, Any]]:
+    """Launch configurations of one case, fastest first (for choosing the defaults)."""
+    rows = []
+    for w, st, bn in itertools.product((4, 8), (2, 3, 4), (32, 64)):
+        if case.chunk % bn:
+            continue
+        c = KernelCase(case.shape, case.context, case.budget, case.batch, case.chunk, w, st, bn)
+        r = run_case(c, hbm_read, baselines=False)
+        r["config"] = f"warps={w} stages={st} block_n={bn}"
+        rows.append(r)
+    return sorted(rows, key=lambda r: r["lsa_us"])
+
+
+COLUMNS = ["shape", "context", "budget", "batch", "resident_tokens", "resident_MB", "lsa_us",
+           "GBps", "pct_hbm", "full_us", "x_vs_full", "subset_us", "x_vs_subset", "command"]
