@@ -16,7 +16,7 @@ for s in $stages; do
   case $s in
     tests) python3 -m pytest -q -p no:cacheprovider tests/kernels tests/integration/test_decode_runner.py \
              2>&1 | tee "$OUT/gpu-tests.log" | tail -5 ;;
-    sweep) for c in "32k 0.05 1" "512k 0.1 1" "128k 0.1 64"; do set -- $c
+    sweep) for c in "32k 0.05 1" "512k 0.1 1" "1024k 0.05 1" "128k 0.1 8"; do set -- $c
              fm bench kernel --shapes llama3-8b --contexts "$1" --budgets "$2" --batches "$3" --sweep \
                2>&1 | grep -E '^sweep|error'; done | tee "$OUT/sweep.log" ;;
     kernel) fm bench kernel --json "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.md" | grep -v '^|' ;;

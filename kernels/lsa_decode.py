@@ -56,17 +56,17 @@ if triton is not None:
         stride_tb,
         stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh,
-        qk_scale,
+        qk_scale, num_splits,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
         seq_len = tl.load(SeqLens + b)
         n_blocks = tl.cdiv(seq_len, BLOCK_N)
-        per_split = tl.cdiv(n_blocks, NUM_SPLITS)  # each request splits its own chunks: ragged
+        per_split = tl.cdiv(n_blocks, num_splits)  # each request splits its own chunks: ragged
         start = s * per_split
         end = tl.minimum(start + per_split, n_blocks)
 
@@ -97,13 +97,18 @@ if triton is not None:
             if DOT_FP32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            scores = tl.dot(q, tl.trans(k))  # (G, N) fp32
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # (G, N) fp32, no tf32
+            else:
+                scores = tl.dot(q, tl.trans(k))
             scores = tl.where(t_ok[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if DOT_FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
         has = l_i > 0.0  # an empty split (short request) contributes nothing to the merge
@@ -118,15 +123,14 @@ if triton is not None:
         OutPart, LsePart, Out,
         stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh,
-        stride_fb, stride_fh,
-        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        S_PAD: tl.constexpr,
+        stride_fb, stride_fh, num_splits,
+        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, D_PAD)
-        s_ok = s < NUM_SPLITS
+        s_ok = s < num_splits
         lse = tl.load(LsePart + b * stride_lb + h * stride_lh + s, mask=s_ok,
                       other=float("-inf"))
         w = tl.exp2(lse - tl.max(lse, 0))  # (S,) the first split is never empty
@@ -222,9 +226,9 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
         block_table.stride(0),
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
-        scale * _LOG2E,
+        scale * _LOG2E, num_splits,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        D_PAD=d_pad, PAGE=c, BLOCK_N=bn, NUM_SPLITS=num_splits,
+        D_PAD=d_pad, PAGE=c, BLOCK_N=bn,
         DOT_FP32=kv.dtype == torch.float32 or _interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -232,8 +236,8 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
         part, lse, out,
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=d, D_PAD=d_pad, NUM_SPLITS=num_splits,
+        out.stride(0), out.stride(1), num_splits,
+        HEAD_DIM=d, D_PAD=d_pad,
         S_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
     )
     return out

@@ -58,6 +58,20 @@ def time_ms(fn: Callable[[], Any]) -> float:
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
+def time_graph_ms(fn: Callable[[], Any]) -> float:
+    """Like ``time_ms`` but replays ``fn`` captured in a CUDA graph, as the decode step runs it:
+    host launch overhead is out of the number, the GPU's own time stays in."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay)
+
+
 def hbm_read_bandwidth(device: str = "cuda", gib: int = 4) -> dict[str, float]:
     """Measured HBM bandwidth in bytes/s: a read-only reduction, and a copy (read + write)."""
     x = torch.randn(gib * 2**29, dtype=torch.bfloat16, device=device)  # gib GiB

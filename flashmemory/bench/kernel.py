@@ -6,13 +6,13 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from flashmemory.bench.common import SHAPES, command, time_ms
+from flashmemory.bench.common import SHAPES, command, time_graph_ms
 from flashmemory.kernels.lsa_decode import lsa_decode, resident_bytes
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ class KernelCase:
     num_warps: int = 4
     num_stages: int = 2
     block_n: int | None = None
+    num_splits: int | None = None  # None: the launcher's default
 
     def argv(self) -> list[str]:
         a = ["bench", "kernel", "--shapes", self.shape, "--contexts", str(self.context),
@@ -76,15 +77,16 @@ def _lsa_ms(case: KernelCase, q: torch.Tensor, hkv: int, keep: int, seq: int) ->
     layer = kv[:, 0]  # (P, 2, Hkv, C, D) as the decode step passes it
     table = torch.randperm(pages, device=q.device).to(torch.int32).view(case.batch, keep)
     lens = torch.full((case.batch,), seq, dtype=torch.int32, device=q.device)
-    return time_ms(lambda: lsa_decode(q, layer, table, lens, num_warps=case.num_warps,
-                                      num_stages=case.num_stages, block_n=case.block_n))
+    return time_graph_ms(lambda: lsa_decode(q, layer, table, lens, num_warps=case.num_warps,
+                                      num_stages=case.num_stages, block_n=case.block_n,
+                                            num_splits=case.num_splits))
 
 
 def _sdpa_us(q: torch.Tensor, batch: int, hkv: int, tokens: int, d: int) -> float:
     """SDPA decode over ``tokens`` contiguous K/V tokens per request."""
     k = torch.randn((batch, hkv, tokens, d), dtype=q.dtype, device=q.device)
     v = torch.randn_like(k)
-    return time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)) * 1e3
+    return time_graph_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)) * 1e3
 
 
 def _sdpa_or_none(q: torch.Tensor, batch: int, hkv: int, tokens: int, d: int) -> float | None:
@@ -104,12 +106,12 @@ def cases(shapes: list[str], contexts: list[int], budgets: list[float], batches:
 def sweep(case: KernelCase, hbm_read: float) -> list[dict[str, Any]]:
     """Launch configurations of one case, fastest first (for choosing the defaults)."""
     rows = []
-    for w, st, bn in itertools.product((4, 8), (2, 3, 4), (32, 64)):
+    for w, st, bn, sp in itertools.product((4, 8), (2, 3), (64,), (None, 32, 64, 128, 256)):
         if case.chunk % bn:
             continue
-        c = KernelCase(case.shape, case.context, case.budget, case.batch, case.chunk, w, st, bn)
+        c = replace(case, num_warps=w, num_stages=st, block_n=bn, num_splits=sp)
         r = run_case(c, hbm_read, baselines=False)
-        r["config"] = f"warps={w} stages={st} block_n={bn}"
+        r["config"] = f"warps={w} stages={st} block_n={bn} splits={sp or 'auto'}"
         rows.append(r)
     return sorted(rows, key=lambda r: r["lsa_us"])
 
