@@ -88,10 +88,16 @@ if triton is not None:
         kv_head = KV + h * stride_kvh
         for blk in range(start, end):
             tok0 = blk * BLOCK_N
-            page = tl.load(Table + b * stride_tb + tok0 // PAGE).to(tl.int64)
-            rows = (tok0 % PAGE) + t
-            ptr = kv_head + page * stride_kvp + rows[:, None] * stride_kvt + d[None, :]
             t_ok = tok0 + t < seq_len
+            if BLOCK_N <= PAGE:  # the block lies in one page
+                page = tl.load(Table + b * stride_tb + tok0 // PAGE).to(tl.int64)
+                rows = (tok0 % PAGE) + t
+                ptr = kv_head + page * stride_kvp + rows[:, None] * stride_kvt + d[None, :]
+            else:  # the block spans BLOCK_N // PAGE pages: look each row's page up
+                pos = tok0 + t
+                pages = tl.load(Table + b * stride_tb + pos // PAGE, mask=t_ok, other=0)
+                ptr = (kv_head + pages.to(tl.int64)[:, None] * stride_kvp
+                       + (pos % PAGE)[:, None] * stride_kvt + d[None, :])
             k = tl.load(ptr, mask=t_ok[:, None] & d_ok[None, :], other=0.0)  # (N, D)
             v = tl.load(ptr + stride_kvs, mask=t_ok[:, None] & d_ok[None, :], other=0.0)
             if DOT_FP32:
@@ -207,8 +213,9 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
     hkv, c = kv.shape[2], kv.shape[3]
     group = hq // hkv
     bn = block_size(c) if block_n is None else block_n
-    if bn < 16 or bn & (bn - 1) or c % bn:
-        raise ValueError(f"block_n must be a power of two >= 16 dividing chunk size {c}, got {bn}")
+    if bn < 16 or bn & (bn - 1) or (c % bn and bn % c):
+        raise ValueError(f"block_n must be a power of two >= 16 that divides or is a multiple "
+                         f"of the chunk size {c}, got {bn}")
     if num_splits is None:
         max_blocks = block_table.shape[1] * (c // bn)
         sms = (torch.cuda.get_device_properties(q.device).multi_processor_count

@@ -140,3 +140,12 @@ def test_cuda_graph_replay_follows_table_updates():
     graph.replay()
     ref = lsa_decode_ref(q, kv, table, seq)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_blocks_spanning_several_pages(block_n):
+    # 16-token chunks read 32 or 64 tokens at a time: each row looks its page up
+    q, pool, table, seq = make_case([100, 7, 33], 4, 2, 64, 16, torch.bfloat16)
+    kv = pool[:, 1]
+    out = lsa_decode(q, kv, table, seq, block_n=block_n, num_splits=2)
+    assert rel_err(out, lsa_decode_ref(q, kv, table, seq)) < TOL[torch.bfloat16]
