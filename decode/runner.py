@@ -121,7 +121,8 @@ class DecodeRunner:
 
     def splits_for(self, batch: int, width: int) -> int:
         hkv = self.model.config.num_kv_heads
-        blocks = width * (self.pool.chunk_size // block_size(self.pool.chunk_size))
+        c = self.pool.chunk_size
+        blocks = -(-width * c // block_size(c))
         sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                if self.device.type == "cuda" else 132)
         return default_splits(batch, hkv, blocks, sms)

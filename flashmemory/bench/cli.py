@@ -31,7 +31,7 @@ def add_parser(sub: Any, lengths: Any, csv: Any) -> argparse.ArgumentParser:
     d.add_argument("--budget", type=float, default=0.1, help="LSA budget (fraction of chunks)")
     d.add_argument("--full", action="store_true", help="only the full-KV rows")
     d.add_argument("--lsa-only", action="store_true", help="only the LSA rows")
-    d.add_argument("--batches", type=csv, default=["1"])
+    d.add_argument("--batches", type=csv, default=["1", "8"])
     d.add_argument("--steps", type=int, default=32, help="timed decode steps per row")
     for q in (k, d):
         q.add_argument("--json", type=Path, help="also write the rows to this JSON file")

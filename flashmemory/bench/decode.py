@@ -62,6 +62,14 @@ def run_case(case: DecodeCase, model: Any) -> dict[str, Any]:
     plans = [resident_chunks(case, rng) for _ in range(case.batch)]
     grow = math.ceil(case.steps / case.chunk) + 2  # pages decode opens while timing
     pages = sum(len(p) for p in plans) + case.batch * grow + 1  # +1: graph padding page
+    row = dict(shape=case.shape, context=case.context, mode=case.mode, batch=case.batch,
+               command=command(case.argv()))
+    page_bytes = math.prod(shape) * 2
+    free = torch.cuda.mem_get_info()[0] - 2 * 2**30  # leave room for activations and graphs
+    if pages * page_bytes > free:
+        row["kv_GiB_per_request"] = (pages - 1) * page_bytes / case.batch / 2**30
+        row["step_ms"] = f"does not fit ({pages * page_bytes / 2**30:.0f} GiB of KV)"
+        return row
     pool = ChunkPool(shape, torch.bfloat16, "cuda", initial_pages=pages)
     for r, chunks in enumerate(plans):
         rid = f"r{r}"
@@ -81,11 +89,9 @@ def run_case(case: DecodeCase, model: Any) -> dict[str, Any]:
         runner.step(batch)
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / case.steps
-    row = dict(shape=case.shape, context=case.context, mode=case.mode, batch=case.batch,
-               resident_pct=100 * pool.resident_tokens("r0") / pool.tables["r0"].num_tokens,
+    row.update(resident_pct=100 * pool.resident_tokens("r0") / pool.tables["r0"].num_tokens,
                step_ms=dt * 1e3, tokens_per_s=case.batch / dt,
-               kv_GiB_per_request=per_request / 2**30,
-               graphs=runner.replays > 0, command=command(case.argv()))
+               kv_GiB_per_request=per_request / 2**30, graphs=runner.replays > 0)
     for r in range(case.batch):
         pool.close(f"r{r}")
     del pool, runner, store
