@@ -35,19 +35,31 @@ class StepInputs:
     seq_lens: torch.Tensor  # (B,) int32 valid tokens over those pages, the new one included
 
     @classmethod
-    def empty(cls, batch: int, width: int, device: torch.device) -> StepInputs:
-        z = dict(dtype=torch.int64, device=device)
-        return cls(torch.zeros(batch, **z), torch.zeros(batch, **z), torch.zeros(batch, **z),
-                   torch.zeros(batch, **z),
-                   torch.zeros((batch, width), dtype=torch.int32, device=device),
-                   torch.ones(batch, dtype=torch.int32, device=device))
+    def empty(cls, batch: int, width: int, device: torch.device | str,
+              pin: bool = False) -> StepInputs:
+        def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            t = torch.zeros(shape, dtype=dtype, device=device)
+            return t.pin_memory() if pin else t
+
+        return cls(zeros(batch), zeros(batch), zeros(batch), zeros(batch),
+                   zeros(batch, width, dtype=torch.int32), zeros(batch, dtype=torch.int32) + 1)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.ids, self.positions, self.write_pages, self.write_slots, self.table,
+                self.seq_lens)
 
     def fill(self, src: StepInputs) -> None:
-        """Copy a smaller host-built step into these buffers; rows past it stay padding."""
+        """Copy a step of <= as many rows (same table width or narrower) into these buffers."""
         b, w = src.ids.shape[0], src.table.shape[1]
-        for name in ("ids", "positions", "write_pages", "write_slots", "seq_lens"):
-            getattr(self, name)[:b].copy_(getattr(src, name), non_blocking=True)
-        self.table[:b, :w].copy_(src.table, non_blocking=True)
+        for dst, t in zip(self.tensors(), src.tensors(), strict=True):
+            (dst[:b, :w] if dst.dim() == 2 else dst[:b]).copy_(t, non_blocking=True)
+
+    def pad(self, start: int, page: int) -> None:
+        """Rows from ``start`` on write and read only ``page`` (one token)."""
+        self.write_pages[start:] = page
+        self.write_slots[start:] = 0
+        self.seq_lens[start:] = 1
+        self.table[start:] = page
 
 
 class PagedBackend:
@@ -71,7 +83,10 @@ class _Graph:
     def __init__(self, runner: DecodeRunner, batch: int, width: int, scratch: int) -> None:
         self.batch, self.scratch, self.kv_ptr = batch, scratch, runner.pool.kv.data_ptr()
         self.inputs = StepInputs.empty(batch, width, runner.device)
-        self.pad(0)
+        self.inputs.pad(0, scratch)
+        self.host = StepInputs.empty(batch, width, "cpu", pin=True)  # staging for async copies
+        self.copied = torch.cuda.Event()
+        self.copied.record()
         backend = PagedBackend(runner.pool, self.inputs, runner.splits_for(batch, width))
         model, x = runner.model, self.inputs
         side = torch.cuda.Stream()
@@ -84,18 +99,19 @@ class _Graph:
         with torch.cuda.graph(self.graph, pool=runner.graph_pool):
             self.logits = model.logits(model(x.ids, x.positions, backend))  # (batch, vocab)
 
-    def pad(self, start: int) -> None:
-        x = self.inputs
-        x.write_pages[start:] = self.scratch
-        x.write_slots[start:] = 0
-        x.seq_lens[start:] = 1
-        x.table[start:] = self.scratch
-
     def run(self, step: StepInputs) -> torch.Tensor:
+        """Stage the step in pinned host buffers, copy them in asynchronously, replay.
+
+        The host may plan the next step while this one runs: it waits only until this step's
+        copies have left the host buffers before overwriting them.
+        """
         b = step.ids.shape[0]
-        self.inputs.fill(step)
-        if b < self.batch:
-            self.pad(b)
+        self.copied.synchronize()
+        self.host.fill(step)
+        self.host.pad(b, self.scratch)
+        for dst, src in zip(self.inputs.tensors(), self.host.tensors(), strict=True):
+            dst.copy_(src, non_blocking=True)
+        self.copied.record()
         self.graph.replay()
         return self.logits[:b].clone()
 

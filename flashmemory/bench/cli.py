@@ -112,6 +112,6 @@ def _decode(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str], 
                 rows.append(decode.run_case(decode.DecodeCase(args.shape, ctx, b, n,
                                                               args.steps), model))
                 logger.info("%s", rows[-1])
-    decode.capacity(rows, weights)
+    decode.summarize(rows, weights)
     return rows, decode.COLUMNS, (f"Decode step, {args.shape} shape, random weights "
                                   f"({weights / 2**30:.1f} GiB), CUDA graphs")

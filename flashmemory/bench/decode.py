@@ -89,8 +89,9 @@ def run_case(case: DecodeCase, model: Any) -> dict[str, Any]:
         runner.step(batch)
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / case.steps
+    gpu = _graph_ms(runner, case.steps)
     row.update(resident_pct=100 * pool.resident_tokens("r0") / pool.tables["r0"].num_tokens,
-               step_ms=dt * 1e3, tokens_per_s=case.batch / dt,
+               step_ms=dt * 1e3, gpu_step_ms=gpu, tokens_per_s=case.batch / dt,
                kv_GiB_per_request=per_request / 2**30, graphs=runner.replays > 0)
     for r in range(case.batch):
         pool.close(f"r{r}")
@@ -99,17 +100,36 @@ def run_case(case: DecodeCase, model: Any) -> dict[str, Any]:
     return row
 
 
-def capacity(rows: list[dict[str, Any]], weights_bytes: int, reserve_gib: float = 4.0) -> None:
-    """Concurrent requests of each row's size that fit beside the weights (in place)."""
+def _graph_ms(runner: DecodeRunner, steps: int) -> float | None:
+    """Device time of one step: replays of the captured graph alone, timed with CUDA events."""
+    if not runner.graphs:
+        return None
+    graph = next(iter(runner.graphs.values())).graph
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def summarize(rows: list[dict[str, Any]], weights_bytes: int, reserve_gib: float = 4.0) -> None:
+    """Add (in place) the requests of each row's size that fit beside the weights, and each LSA
+    row's speed-up over the full-KV row of the same context and batch."""
     total = torch.cuda.get_device_properties(0).total_memory
     free = total - weights_bytes - reserve_gib * 2**30
+    full = {(r["context"], r["batch"]): r for r in rows if r["mode"] == "full"}
     for r in rows:
         r["max_requests"] = int(free // (r["kv_GiB_per_request"] * 2**30))
+        f = full.get((r["context"], r["batch"]))
+        if r["mode"] != "full" and f and isinstance(f.get("step_ms"), float):
+            r["x_vs_full"] = f["step_ms"] / r["step_ms"]
 
 
 def bench_model(shape: str, max_len: int) -> Any:
     return random_model(model_config(shape, max_len))
 
 
-COLUMNS = ["shape", "context", "mode", "batch", "resident_pct", "step_ms", "tokens_per_s",
-           "kv_GiB_per_request", "max_requests", "graphs", "command"]
+COLUMNS = ["shape", "context", "mode", "batch", "resident_pct", "step_ms", "gpu_step_ms",
+           "x_vs_full", "tokens_per_s", "kv_GiB_per_request", "max_requests", "graphs", "command"]
