@@ -153,12 +153,13 @@ def _interpreting() -> bool:
 
 
 def default_splits(batch: int, num_kv_heads: int, max_blocks: int, num_sms: int = 132) -> int:
-    """Splits per (request, KV head): about 8 programs per SM, at most 128 and one per block.
+    """Splits per (request, KV head): about 3 programs per SM, at most 128 and one per block.
 
-    Measured on the H200 at batch 1 (benchmarks/kernel_probe.py): 128 splits beat 33 by up to
-    22% on the SmolLM2 shape and tie on Llama-3-8B; large batches need few splits.
+    Measured on the H200 (docs/BENCHMARKS.md, benchmarks/kernel_probe.py): at batch 1 the
+    SmolLM2 shape (3 KV heads) gains up to 22% from 128 splits over 33; at batch 8 on the
+    Llama-3-8B shape 17 splits were 3-7% slower than 5.
     """
-    want = -(-8 * num_sms // max(1, batch * num_kv_heads))
+    want = -(-3 * num_sms // max(1, batch * num_kv_heads))
     return max(1, min(want, max_blocks, 128))
 
 
