@@ -31,6 +31,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # one Triton kernel instead of ~7 launches (same math)
+            from flashmemory.kernels.fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:  # one fused kernel; same math as below in fp32
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
@@ -81,7 +85,12 @@ class Attention(nn.Module):
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if q.is_cuda:  # one Triton kernel per tensor instead of five
+            from flashmemory.kernels.fused import rotary
+
+            q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = backend.attend(self.layer, q, k, v)  # (N, Hq, D)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))
 

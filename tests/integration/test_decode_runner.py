@@ -77,3 +77,27 @@ def test_graphs_are_replayed_and_recaptured_after_pool_growth(tiny):
     runner.step([("r0", 2)])
     assert runner.replays == 2 and all(g.kv_ptr == pool.kv.data_ptr()
                                        for g in runner.graphs.values())
+
+
+class _Dense:
+    """Causal attention over the forward's own tokens (a one-piece prefill)."""
+
+    def attend(self, layer, q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            is_causal=True, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])  # qwen3: q/k norms go through the kernel
+def test_gpu_model_with_fused_kernels_matches_cpu(tmp_path, kind):
+    path = resolve(str(save_tiny(kind, tmp_path / kind)))
+    ids = torch.randint(0, 257, (45,), generator=torch.Generator().manual_seed(3))
+    out = []
+    for dev in ("cpu", "cuda"):
+        m = load_model(path, device=dev)
+        x = ids.to(dev)
+        out.append(m.logits(m(x, torch.arange(45, device=dev), _Dense())).cpu())
+    assert (out[0] - out[1]).abs().max().item() < 1e-4
