@@ -15,6 +15,7 @@ import torch
 from flashmemory.config import Attention
 from flashmemory.decode.chunk_pool import ChunkPool
 from flashmemory.decode.step import AttentionRecorder, decode_step
+from flashmemory.kernels.fused import store_kv
 from flashmemory.kernels.lsa_decode import block_size, default_splits, lsa_decode
 from flashmemory.model.llama import CausalLM
 
@@ -71,8 +72,7 @@ class PagedBackend:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         x = self.inputs
         kv = self.pool.kv[:, layer]  # (P, 2, Hkv, C, D) a view: pages are read in place
-        kv[x.write_pages, 0, :, x.write_slots] = k.to(kv.dtype)
-        kv[x.write_pages, 1, :, x.write_slots] = v.to(kv.dtype)
+        store_kv(kv, k, v, x.write_pages, x.write_slots)  # one launch for K and V
         return lsa_decode(q, kv, x.table, x.seq_lens, num_splits=self.num_splits)
 
 

@@ -76,3 +76,43 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
                               H_PAD=triton.next_power_of_2(h),
                               D_PAD=triton.next_power_of_2(d // 2), num_warps=4)
     return out
+
+
+def store_kv_ref(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+    """kv: (P, 2, Hkv, C, D) one layer of the pool; k/v: (B, Hkv, D); pages/slots: (B,) int."""
+    kv[pages, 0, :, slots] = k.to(kv.dtype)
+    kv[pages, 1, :, slots] = v.to(kv.dtype)
+
+
+@triton.jit
+def _store_kv_kernel(KV, K, V, Pages, Slots, stride_p, stride_s, stride_h, stride_t,
+                     stride_kb, stride_kh, stride_vb, stride_vh,
+                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, D_PAD)
+    ok = d < HEAD_DIM
+    page = tl.load(Pages + b).to(tl.int64)
+    slot = tl.load(Slots + b).to(tl.int64)
+    dst = KV + page * stride_p + h * stride_h + slot * stride_t + d
+    k = tl.load(K + b * stride_kb + h * stride_kh + d, mask=ok)
+    v = tl.load(V + b * stride_vb + h * stride_vh + d, mask=ok)
+    tl.store(dst, k.to(KV.dtype.element_ty), mask=ok)
+    tl.store(dst + stride_s, v.to(KV.dtype.element_ty), mask=ok)
+
+
+def store_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Write each request's new K/V into its page slot in one launch (shapes as the ref)."""
+    b, h, d = k.shape
+    if v.shape != k.shape or kv.shape[2] != h or kv.shape[4] != d or pages.shape != (b,) \
+            or slots.shape != (b,) or kv.stride(-1) != 1 or k.stride(-1) != 1 \
+            or v.stride(-1) != 1:
+        raise ValueError(f"want kv (P, 2, {h}, C, {d}) and k/v ({b}, {h}, {d}) contiguous in "
+                         f"D, pages/slots ({b},); got {tuple(kv.shape)}, {tuple(k.shape)}")
+    if b:
+        _store_kv_kernel[(b, h)](kv, k, v, pages, slots, kv.stride(0), kv.stride(1),
+                                 kv.stride(2), kv.stride(3), k.stride(0), k.stride(1),
+                                 v.stride(0), v.stride(1), HEAD_DIM=d,
+                                 D_PAD=triton.next_power_of_2(d), num_warps=1)

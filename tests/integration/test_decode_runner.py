@@ -92,6 +92,7 @@ class _Dense:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])  # qwen3: q/k norms go through the kernel
+@torch.no_grad()
 def test_gpu_model_with_fused_kernels_matches_cpu(tmp_path, kind):
     path = resolve(str(save_tiny(kind, tmp_path / kind)))
     ids = torch.randint(0, 257, (45,), generator=torch.Generator().manual_seed(3))

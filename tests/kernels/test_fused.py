@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashmemory.kernels.fused import rms_norm, rms_norm_ref, rotary
+from flashmemory.kernels.fused import rms_norm, rms_norm_ref, rotary, store_kv, store_kv_ref
 from flashmemory.model.rope import apply_rotary
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,3 +47,17 @@ def test_rejects_bad_shapes():
         rotary(x, torch.randn(2, 1, 4, device=DEV), torch.randn(2, 1, 4, device=DEV))
     with pytest.raises(ValueError, match="weight"):
         rms_norm(x, torch.randn(4, device=DEV), 1e-6)
+
+
+@pytest.mark.parametrize("d", [64, 48])
+def test_store_kv_matches_index_put(d):
+    g = torch.Generator().manual_seed(2)
+    pool = torch.randn((6, 3, 2, 2, 16, d), generator=g).to(torch.bfloat16).to(DEV)
+    want = pool.clone()
+    k = torch.randn((3, 2, d), generator=g).to(torch.bfloat16).to(DEV)
+    v = torch.randn((3, 2, d), generator=g).to(torch.bfloat16).to(DEV)
+    pages = torch.tensor([4, 0, 4], device=DEV)
+    slots = torch.tensor([15, 0, 3], device=DEV)
+    store_kv(pool[:, 1], k, v, pages, slots)
+    store_kv_ref(want[:, 1], k, v, pages, slots)
+    assert torch.equal(pool, want)
