@@ -1,12 +1,14 @@
 """Chunk transport: moves one request's selected chunks from a prefill worker to a decode worker.
 
 Call order for one transfer (the decode side pulls, following a plan from the indexer):
-  1. decode: ``transport.recv(plan, sender)`` asks the prefill worker to stage the payload
+  1. decode: ``transport.recv(plan, sender, out)`` asks the prefill worker to stage the payload
      (``sender.stage_chunks(plan)`` -> ``transport.stage(plan, payload)`` there). Errors on the
      prefill side (unknown request, a timeout) surface here before any collective is posted.
   2. torch p2p only: ``sender.send_chunks(plan)`` -> ``transport.send(plan)`` posts the send
      while the decode side posts the matching receive; one message per transfer.
-  3. decode: ``pool.load(request, plan.chunk_ids, payload)``; then ``sender.release_transfer``.
+  3. decode: the payload lands in ``out`` when the decode pool reserved consecutive pages for
+     the chunks (``pool.reserve``: no staging buffer, no scatter), else in a fresh buffer that
+     ``pool.commit`` scatters into the pages; then ``sender.release_transfer``.
 Staging first matters: a gloo receive that times out closes the pair of ranks for good, so a
 receive is only posted once the sender holds the payload.
 Two implementations: ``TorchDistTransport`` (torch.distributed p2p: gloo on CPU, NCCL between
@@ -70,8 +72,10 @@ class ChunkTransport(Protocol):
         """Prefill side: drop a staged payload."""
         ...
 
-    def recv(self, plan: TransferPlan, sender: Any) -> torch.Tensor:
-        """Decode side: run the transfer with ``sender`` (the prefill worker's actor handle)."""
+    def recv(self, plan: TransferPlan, sender: Any,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode side: run the transfer with ``sender`` (the prefill worker's actor handle);
+        lands in ``out`` (the decode pool's pages) when given and returns it."""
         ...
 
 
@@ -123,13 +127,19 @@ class TorchDistTransport:
     def release(self, transfer_id: int) -> None:
         self._staged.pop(transfer_id, None)
 
-    def recv(self, plan: TransferPlan, sender: Any) -> torch.Tensor:
+    def recv(self, plan: TransferPlan, sender: Any,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         import ray
         import torch.distributed as dist
 
         _staged(plan, sender)
         ref = sender.send_chunks.remote(plan)
-        buf = torch.empty(plan.shape, dtype=getattr(torch, plan.dtype), device=self.device)
+        dtype = getattr(torch, plan.dtype)
+        if out is not None and (tuple(out.shape) != plan.shape or out.dtype != dtype
+                                or not out.is_contiguous()):
+            raise TransferError(f"receive buffer {tuple(out.shape)} {out.dtype} does not match "
+                                f"the plan {plan.shape} {plan.dtype}")
+        buf = torch.empty(plan.shape, dtype=dtype, device=self.device) if out is None else out
         _wait(dist.irecv(buf, src=plan.src_rank, tag=plan.transfer_id), plan, "recv")
         try:
             ray.get(ref, timeout=plan.timeout_s)
@@ -161,12 +171,11 @@ class IpcTransport:
     def release(self, transfer_id: int) -> None:
         self._held.pop(transfer_id, None)
 
-    def recv(self, plan: TransferPlan, sender: Any) -> torch.Tensor:
+    def recv(self, plan: TransferPlan, sender: Any,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         handle = _staged(plan, sender)
-        if isinstance(handle, torch.Tensor):
-            return handle.to(self.device, copy=True)
-        rebuild, args = handle
-        return rebuild(*args).to(self.device, copy=True)
+        src = handle if isinstance(handle, torch.Tensor) else handle[0](*handle[1])
+        return src.to(self.device, copy=True) if out is None else out.copy_(src)
 
 
 def _wait(work: Any, plan: TransferPlan, what: str) -> None:

@@ -83,16 +83,52 @@ class ChunkPool:
         self.tables[request_id] = table
         return table
 
+    def alloc_run(self, n: int) -> int | None:
+        """Take ``n`` consecutive free pages; returns the first, or None if no such run is free."""
+        if n < 1:
+            return None
+        if n > len(self._free):
+            self._grow(n - len(self._free))  # the grown tail is one free run
+        free = sorted(self._free)
+        start = 0
+        for i in range(1, len(free) + 1):
+            if i == len(free) or free[i] != free[i - 1] + 1:  # a run ends at i - 1
+                if i - start >= n:
+                    first = free[start]
+                    taken = set(range(first, first + n))
+                    self._free = [p for p in self._free if p not in taken]
+                    return first
+                start = i
+        return None
+
+    def reserve(self, request_id: str,
+                chunk_ids: list[int]) -> tuple[list[int], torch.Tensor | None]:
+        """Pages for chunks about to arrive, and when they are consecutive, the pool's own view
+        of them (n, L, 2, Hkv, C, D) so the transport writes straight into the pool."""
+        table = self.tables[request_id]
+        if any(c in table.pages for c in chunk_ids):
+            raise ValueError(f"chunks already resident for {request_id!r}")
+        first = self.alloc_run(len(chunk_ids))
+        if first is None:
+            return self.alloc(len(chunk_ids)), None
+        return list(range(first, first + len(chunk_ids))), self.kv[first:first + len(chunk_ids)]
+
+    def commit(self, request_id: str, chunk_ids: list[int], pages: list[int],
+               payload: torch.Tensor | None = None) -> None:
+        """Make reserved pages resident; ``payload`` is scattered in unless it already landed."""
+        if payload is not None:
+            dst = torch.tensor(pages, dtype=torch.long, device=self.kv.device)
+            self.kv[dst] = payload.to(self.kv.device, self.kv.dtype)
+        self.tables[request_id].pages.update(zip(chunk_ids, pages, strict=True))
+
+    def release(self, pages: list[int]) -> None:
+        """Return reserved pages that were never committed (a failed transfer)."""
+        self._free.extend(pages)
+
     def load(self, request_id: str, chunk_ids: list[int], payload: torch.Tensor) -> None:
         """Place received chunks (payload (n, L, 2, Hkv, C, D)) into fresh pages."""
-        table = self.tables[request_id]
-        new = [c for c in chunk_ids if c not in table.pages]
-        if len(new) != len(chunk_ids):
-            raise ValueError(f"chunks already resident for {request_id!r}")
-        pages = self.alloc(len(chunk_ids))
-        dst = torch.tensor(pages, dtype=torch.long, device=self.kv.device)
-        self.kv[dst] = payload.to(self.kv.device, self.kv.dtype)
-        table.pages.update(zip(chunk_ids, pages, strict=True))
+        pages, _ = self.reserve(request_id, chunk_ids)
+        self.commit(request_id, chunk_ids, pages, payload)
 
     def evict(self, request_id: str, chunk_ids: list[int]) -> None:
         table = self.tables[request_id]

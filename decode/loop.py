@@ -54,7 +54,8 @@ class Sequence:
         return self.out[-1]
 
 
-Fetch = Callable[[Sequence, list[int]], torch.Tensor]  # (seq, chunk ids) -> payload
+# (seq, chunk ids, pool view to fill or None) -> the filled view, or a payload to scatter
+Fetch = Callable[[Sequence, list[int], torch.Tensor | None], torch.Tensor]
 Select = Callable[[Sequence, ResidencyState], tuple[set[int], int]]
 
 
@@ -83,7 +84,7 @@ class DecodeLoop:
               runner: DecodeRunner | None = None) -> DecodeLoop:
         """A loop whose chunks come straight from an in-process chunk store."""
         return cls(model, pool, tokenizer, eos_ids, max_model_len,
-                   lambda s, ids: store.read(s.store_id, ids), runner=runner)
+                   lambda s, ids, out: store.read(s.store_id, ids, out), runner=runner)
 
     def run(self, seqs: list[Sequence], first_logits: dict[str, torch.Tensor],
             recorder: AttentionRecorder | None = None) -> list[RequestOutput]:
@@ -155,9 +156,14 @@ class DecodeLoop:
         resident = {i for i in table.pages if i < n}
         self.pool.evict(s.rid, sorted(resident - target - table.pinned))
         fetch = sorted(target - resident)
-        if fetch:
-            payload = self.fetch(s, fetch)
-            self.pool.load(s.rid, fetch, payload)
+        if fetch:  # into consecutive pages when free: the transport writes into the pool
+            pages, view = self.pool.reserve(s.rid, fetch)
+            try:
+                payload = self.fetch(s, fetch, view)
+            except BaseException:
+                self.pool.release(pages)
+                raise
+            self.pool.commit(s.rid, fetch, pages, None if payload is view else payload)
             s.bytes_moved += payload.numel() * payload.element_size()
 
     def _query(self, s: Sequence) -> str:

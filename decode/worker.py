@@ -177,8 +177,10 @@ class DecodeWorker:
         self.metrics.inc("flashmemory_repredictions_total")
         return target, chosen
 
-    def _fetch(self, s: Sequence, chunk_ids: list[int]) -> torch.Tensor:
-        """Pull chunks from the prefill worker holding them: one batched transfer."""
+    def _fetch(self, s: Sequence, chunk_ids: list[int],
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Pull chunks from the prefill worker holding them: one batched transfer, received
+        straight into the pool's pages when they are consecutive (``out``)."""
         task = self._tasks[s.rid]
         plan = TransferPlan(next(self._ids), s.store_id, tuple(chunk_ids), task.prefill_rank,
                             self.rank, tuple(self.pool.page_shape), self.cfg.engine.dtype,
@@ -186,7 +188,7 @@ class DecodeWorker:
         sender = self.prefills[task.prefill_rank]
         t0 = time.perf_counter()
         try:
-            payload = self.transport.recv(plan, sender)
+            payload = self.transport.recv(plan, sender, out)
         finally:
             sender.release_transfer.remote(plan.transfer_id)
         route = {"src": f"prefill-{task.prefill_rank}", "dst": f"decode-{self.index}"}

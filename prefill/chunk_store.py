@@ -117,18 +117,28 @@ class ChunkStore:
             i += n
 
     # -- transport side -----------------------------------------------------------------------
-    def read(self, request_id: str, chunk_ids: list[int]) -> torch.Tensor:
-        """Contiguous payload (n, L, 2, Hkv, C, D) of the given chunks, in the given order."""
+    def read(self, request_id: str, chunk_ids: list[int],
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """Contiguous payload (n, L, 2, Hkv, C, D) of the given chunks, in the given order;
+        written into ``out`` (e.g. a decode pool's pages) when given, and ``out`` returned."""
         e = self._entries[request_id]
         if e.kv is None:
-            return self._draw(e, chunk_ids)
+            return self._draw(e, chunk_ids, out)
         idx = torch.tensor(chunk_ids, dtype=torch.long, device=e.kv.device)
-        return e.kv.index_select(0, idx)
+        if out is None:
+            return e.kv.index_select(0, idx)
+        if out.device == e.kv.device and out.dtype == e.kv.dtype:
+            return torch.index_select(e.kv, 0, idx, out=out)  # one copy, into the pages
+        return out.copy_(e.kv.index_select(0, idx), non_blocking=True)  # across tiers
 
-    def _draw(self, e: _Entry, chunk_ids: list[int]) -> torch.Tensor:
+    def _draw(self, e: _Entry, chunk_ids: list[int],
+              out: torch.Tensor | None = None) -> torch.Tensor:
         """Synthetic chunks: N(0, 1) K/V, zero past the context's last token."""
         assert e.seed is not None
-        out = torch.empty((len(chunk_ids), *self.shape), dtype=self.dtype, device=self.device)
+        if out is None or out.device.type != self.device.type:
+            drawn = self._draw(e, chunk_ids, torch.empty(
+                (len(chunk_ids), *self.shape), dtype=self.dtype, device=self.device))
+            return drawn if out is None else out.copy_(drawn)
         g = torch.Generator(device=self.device)
         for i, c in enumerate(chunk_ids):
             if not 0 <= c < len(e.metas):

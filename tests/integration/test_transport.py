@@ -47,6 +47,18 @@ class Peer:
         payload = self.t.recv(plan, sender)
         return float(payload.min()), float(payload.max()), payload.nbytes
 
+    def pull_into_pool(self, sender: Any, plan: TransferPlan) -> tuple[bool, float, float]:
+        """Receive into consecutive pages of a decode pool: the payload lands in place."""
+        from flashmemory.decode.chunk_pool import ChunkPool
+
+        pool = ChunkPool(plan.page_shape, torch.float32, initial_pages=8)
+        pool.open("r", 10 * plan.page_shape[3])
+        pages, view = pool.reserve("r", list(plan.chunk_ids))
+        got = self.t.recv(plan, sender, view)
+        pool.commit("r", list(plan.chunk_ids), pages, None if got is view else got)
+        landed = pool.kv[pages]
+        return got is view, float(landed.min()), float(landed.max())
+
     def pull_failing(self, sender: Any, plan: TransferPlan) -> str:
         try:
             self.t.recv(plan, sender)
@@ -84,5 +96,7 @@ def test_transfer_moves_exact_payload_and_survives_a_timeout(ray_cluster, kind: 
     assert "could not be staged" in msg and "no such request" in msg, msg
     after = TransferPlan(3, "r", (2, 4), 0, 1, page, "float32", timeout_s=20)
     assert ray.get(dst.pull.remote(src, after))[:2] == (3.0, 3.0)  # both still serving
+    into = TransferPlan(4, "r", (1, 7), 0, 1, page, "float32", timeout_s=20)
+    assert ray.get(dst.pull_into_pool.remote(src, into)) == (True, 4.0, 4.0)
     for a in (src, dst):
         ray.kill(a)

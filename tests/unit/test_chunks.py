@@ -114,3 +114,64 @@ def test_synthetic_context_draws_chunks_on_read() -> None:
         store.layer_kv("s", 0, 8)
     store.free("s")
     assert "s" not in store
+
+
+def test_pool_reserves_consecutive_pages_and_falls_back_when_fragmented() -> None:
+    pool = ChunkPool((1, 2, 1, 4, 2), torch.float32, initial_pages=8)
+    pool.open("r", 40)
+    pages, view = pool.reserve("r", [0, 1, 2])
+    assert pages == [0, 1, 2] and view is not None and view.data_ptr() == pool.kv[0].data_ptr()
+    view.fill_(7.0)  # as a transport receiving in place
+    pool.commit("r", [0, 1, 2], pages)
+    assert pool.tables["r"].pages == {0: 0, 1: 1, 2: 2} and pool.kv[:3].eq(7).all()
+    taken = pool.alloc(5)  # pages 3..7: nothing free any more
+    pool.release([taken[0], taken[2], taken[4]])  # free pages 3, 5, 7: no run of two
+    pages, view = pool.reserve("r", [5, 6])
+    assert view is None and len(set(pages)) == 2 and set(pages) <= {3, 5, 7}  # scattered
+    pool.commit("r", [5, 6], pages, torch.ones((2, 1, 2, 1, 4, 2)))  # commit copies them in
+    assert pool.kv[pages].eq(1).all()
+    pages, view = pool.reserve("r", [8, 9, 10])  # the pool grows: its new tail is one run
+    assert view is not None and pages == [8, 9, 10]
+    pool.release(pages)
+    with pytest.raises(ValueError, match="already resident"):
+        pool.reserve("r", [0])
+
+
+def test_local_decode_fetch_lands_in_pool_pages(tiny) -> None:
+    """The engine's loop reads chunks from the store straight into consecutive pool pages."""
+    from flashmemory.config import LSAConfig, SamplingParams
+    from flashmemory.decode.loop import DecodeLoop, Sequence
+    from flashmemory.indexer.selectors import baseline_selector
+    from flashmemory.types import Prompt
+
+    ids = torch.randint(0, 257, (80,), generator=torch.Generator().manual_seed(0)).tolist()
+    store, pool = store_and_pool(tiny, 16)
+    prefill(tiny, store, "p", ids, [(i, i + 1) for i in range(80)], "x" * 80)
+    landed = []
+
+    def fetch(s, chunk_ids, out):
+        got = store.read(s.store_id, chunk_ids, out)
+        landed.append(out is not None and got is out)
+        return got
+
+    loop = DecodeLoop(tiny, pool, None, set(), 512, fetch)
+    loop._emit = lambda s, tok: s.out.append(tok)  # no tokenizer in this test: keep raw ids
+    lsa = LSAConfig(mode="random", chunk_size=16, budget=0.5, recent_tokens=16)
+    seq = Sequence("q", "p", Prompt(ids, [(i, i + 1) for i in range(80)], "x" * 80, "x"),
+                   SamplingParams(max_tokens=4), lsa, baseline_selector(lsa, {}), 0.0)
+    loop.add(seq, 5)
+    loop.repredict(seq)
+    assert landed == [True]
+    for c, page in pool.tables["q"].pages.items():
+        assert torch.equal(pool.kv[page], store.read("p", [c])[0])
+
+
+def test_store_reads_into_a_given_buffer() -> None:
+    store = ChunkStore(1, 1, 2, 4, torch.float32)
+    store.allocate("r", 10, [(i, i + 1) for i in range(10)], "x" * 10)
+    store.write_layer("r", 0, 0, torch.arange(20.).view(10, 1, 2), -torch.arange(20.).view(10, 1, 2))
+    store.add_synthetic("s", 9, seed=1)
+    for rid in ("r", "s"):
+        out = torch.full((2, 1, 2, 1, 4, 2), float("nan"))
+        got = store.read(rid, [2, 0], out)
+        assert got is out and torch.equal(out, store.read(rid, [2, 0]))
