@@ -169,7 +169,8 @@ def test_local_decode_fetch_lands_in_pool_pages(tiny) -> None:
 def test_store_reads_into_a_given_buffer() -> None:
     store = ChunkStore(1, 1, 2, 4, torch.float32)
     store.allocate("r", 10, [(i, i + 1) for i in range(10)], "x" * 10)
-    store.write_layer("r", 0, 0, torch.arange(20.).view(10, 1, 2), -torch.arange(20.).view(10, 1, 2))
+    k = torch.arange(20.0).view(10, 1, 2)
+    store.write_layer("r", 0, 0, k, -k)
     store.add_synthetic("s", 9, seed=1)
     for rid in ("r", "s"):
         out = torch.full((2, 1, 2, 1, 4, 2), float("nan"))
