@@ -1,60 +1,61 @@
-# ruff: noqa: B023  (each lambda is timed at once, inside its loop iteration)
-"""Where the LSA kernel's time goes at batch 1 (issue 4 notes): launch floor, merge cost, table
-order, block size and warps, each timed as CUDA-graph replays. Prints one line per variant.
+"""Launch-configuration sweep of the LSA kernel at small batches, where it is latency-bound
+(issue 4 notes): splits x pipeline stages x block size, 8 calls per CUDA-graph replay, each call
+on its own input set. Prints one line per case with the best configurations and the default.
 
 Usage (GPU): python benchmarks/kernel_probe.py
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from flashmemory.bench.common import hbm_read_bandwidth, time_graph_ms
 from flashmemory.kernels import lsa_decode as K
 
+CALLS = 8
 
-def case(hq: int, hkv: int, d: int, tokens: int, batch: int = 1, chunk: int = 64,
-         contiguous: bool = False):
+
+def make_sets(hq: int, hkv: int, d: int, tokens: int, batch: int, chunk: int = 64):
     pages = -(-tokens // chunk)
-    kv = torch.randn((batch * pages + 1, 1, 2, hkv, chunk, d), dtype=torch.bfloat16,
-                     device="cuda")[:, 0]
-    order = torch.arange(batch * pages) if contiguous else torch.randperm(batch * pages)
-    table = order.to(torch.int32).view(batch, pages).cuda()
+    sets = []
+    for _ in range(CALLS):
+        kv = torch.randn((batch * pages + 1, 1, 2, hkv, chunk, d), dtype=torch.bfloat16,
+                         device="cuda")[:, 0]
+        table = torch.randperm(batch * pages).to(torch.int32).view(batch, pages).cuda()
+        sets.append((kv, table))
     lens = torch.full((batch,), tokens, dtype=torch.int32, device="cuda")
     q = torch.randn((batch, hq, d), dtype=torch.bfloat16, device="cuda")
-    return q, kv, table, lens
+    return q, lens, sets
+
+
+def time_us(q, lens, sets, **kw) -> float:
+    return time_graph_ms(lambda: [K.lsa_decode(q, kv, t, lens, **kw) for kv, t in sets]) \
+        * 1e3 / CALLS
 
 
 def main() -> None:
-    bw = hbm_read_bandwidth()
-    print(f"HBM read {bw['read'] / 1e12:.2f} TB/s, copy {bw['copy'] / 1e12:.2f} TB/s")
-    for name, (hq, hkv, d) in {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}.items():
-        for tokens in (16384, 52416):
-            q, kv, table, lens = case(hq, hkv, d, tokens)
-            nbytes = tokens * hkv * d * 4
-            floor = nbytes / bw["read"] * 1e6
-            print(f"\n{name} tokens={tokens} bytes={nbytes / 1e6:.0f}MB floor={floor:.1f}us")
-            one = torch.ones(1, dtype=torch.int32, device="cuda")
-            t = time_graph_ms(lambda: K.lsa_decode(q, kv, table[:, :1].contiguous(), one))
-            print(f"  launch floor (1 token)       {t * 1e3:6.1f} us")
-            for bn in (64, 128, 256):
-                for w in (4, 8):
-                    for sp in (None, 64, 128):
-                        t = time_graph_ms(lambda: K.lsa_decode(
-                            q, kv, table, lens, block_n=bn, num_warps=w, num_splits=sp))
-                        print(f"  block_n={bn:3d} warps={w} splits={sp or 'auto':>4} "
-                              f"{t * 1e3:6.1f} us  {100 * floor / (t * 1e3):5.1f}% of read BW")
-            qc, kvc, tc, lc = case(hq, hkv, d, tokens, contiguous=True)
-            t = time_graph_ms(lambda: K.lsa_decode(qc, kvc, tc, lc))
-            print(f"  contiguous pages (default)   {t * 1e3:6.1f} us")
-            s = K.default_splits(1, hkv, tokens // 64, 132)
-            part = torch.randn((1, hq, s, d), device="cuda")
-            lse = torch.randn((1, hq, s), device="cuda")
-            out = torch.empty_like(q)
-            t = time_graph_ms(lambda: K._lsa_merge_kernel[(1, hq)](
-                part, lse, out, *part.stride()[:3], *lse.stride()[:2], *out.stride()[:2], s,
-                HEAD_DIM=d, D_PAD=d, S_PAD=max(2, 1 << (s - 1).bit_length())))
-            print(f"  merge kernel alone (S={s})    {t * 1e3:6.1f} us")
+    bw = hbm_read_bandwidth()["read"]
+    print(f"HBM read {bw / 1e12:.2f} TB/s")
+    cases = [("llama3-8b", 32, 8, 128, 52416, 1), ("llama3-8b", 32, 8, 128, 26240, 1),
+             ("llama3-8b", 32, 8, 128, 13120, 8), ("smollm2", 9, 3, 64, 52416, 1),
+             ("smollm2", 9, 3, 64, 13120, 8), ("smollm2", 9, 3, 64, 1664, 64)]
+    for name, hq, hkv, d, tokens, batch in cases:
+        q, lens, sets = make_sets(hq, hkv, d, tokens, batch)
+        floor = batch * tokens * hkv * d * 4 / bw * 1e6
+        default = time_us(q, lens, sets)
+        rows = []
+        for sp, st, bn, w in itertools.product((8, 16, 24, 33, 48, 64, 96, 128), (1, 2, 3),
+                                               (32, 64, 128), (4,)):
+            t = time_us(q, lens, sets, num_splits=sp, num_stages=st, block_n=bn, num_warps=w)
+            rows.append((t, f"splits={sp} stages={st} block_n={bn}"))
+        rows.sort()
+        best = ", ".join(f"{c}: {t:.1f}" for t, c in rows[:4])
+        print(f"{name} tokens={tokens} B={batch} floor={floor:.1f}us default={default:.1f}us "
+              f"({100 * floor / default:.0f}%) | best: {best}")
+        del sets
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
