@@ -1,8 +1,9 @@
 """Launch-configuration sweep of the LSA kernel at small batches, where it is latency-bound
-(issue 4 notes): splits x pipeline stages x block size, 8 calls per CUDA-graph replay, each call
-on its own input set. Prints one line per case with the best configurations and the default.
+(issue 4 notes): the default with and without programmatic dependent launch and, with --sweep,
+splits x pipeline stages x block size; 8 calls per CUDA-graph replay, each call on its own input
+set. Prints one line per case.
 
-Usage (GPU): python benchmarks/kernel_probe.py
+Usage (GPU): python benchmarks/kernel_probe.py [--sweep]   (default: PDL on vs off only)
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def time_us(q, lens, sets, **kw) -> float:
         * 1e3 / CALLS
 
 
-def main() -> None:
+def main(sweep: bool) -> None:
     bw = hbm_read_bandwidth()["read"]
     print(f"HBM read {bw / 1e12:.2f} TB/s")
     cases = [("llama3-8b", 32, 8, 128, 52416, 1), ("llama3-8b", 32, 8, 128, 26240, 1),
@@ -45,6 +46,11 @@ def main() -> None:
         q, lens, sets = make_sets(hq, hkv, d, tokens, batch)
         floor = batch * tokens * hkv * d * 4 / bw * 1e6
         default = time_us(q, lens, sets)
+        no_pdl = time_us(q, lens, sets, pdl=False)
+        print(f"{name} tokens={tokens} B={batch} floor={floor:.1f}us default={default:.1f}us "
+              f"({100 * floor / default:.0f}%) without PDL={no_pdl:.1f}us")
+        if not sweep:
+            continue
         rows = []
         for sp, st, bn, w in itertools.product((8, 16, 24, 33, 48, 64, 96, 128), (1, 2, 3),
                                                (32, 64, 128), (4,)):
@@ -59,4 +65,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sweep="--sweep" in sys.argv)

@@ -15,6 +15,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - triton ships with torch on Linux
     triton = None
 
@@ -50,17 +51,21 @@ if triton is not None:
 
     @triton.jit
     def _lsa_split_kernel(
-        Q, KV, Table, SeqLens, OutPart, LsePart,
+        Q, KV, Table, SeqLens, OutPart, LsePart, Out,
         stride_qb, stride_qh,
         stride_kvp, stride_kvs, stride_kvh, stride_kvt,
         stride_tb,
         stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh,
+        stride_fb, stride_fh,
         qk_scale, num_splits,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_FP32: tl.constexpr,
+        DOT_FP32: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel
+            gdc_wait()
+            gdc_launch_dependents()  # let the merge kernel launch and wait in turn
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -120,9 +125,14 @@ if triton is not None:
         has = l_i > 0.0  # an empty split (short request) contributes nothing to the merge
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        o_ptr = OutPart + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + d[None, :]
-        tl.store(o_ptr, out, mask=g_ok[:, None] & d_ok[None, :])
-        tl.store(LsePart + b * stride_lb + heads * stride_lh + s, lse, mask=g_ok)
+        if DIRECT:  # one split: this is the answer, no merge
+            o_ptr = Out + b * stride_fb + heads[:, None] * stride_fh + d[None, :]
+            tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        else:
+            o_ptr = (OutPart + b * stride_ob + heads[:, None] * stride_oh + s * stride_os
+                     + d[None, :])
+            tl.store(o_ptr, out, mask=g_ok[:, None] & d_ok[None, :])
+            tl.store(LsePart + b * stride_lb + heads * stride_lh + s, lse, mask=g_ok)
 
     @triton.jit
     def _lsa_merge_kernel(
@@ -130,8 +140,10 @@ if triton is not None:
         stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh,
         stride_fb, stride_fh, num_splits,
-        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_wait()  # the split kernel's partials are complete and visible
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.arange(0, S_PAD)
@@ -202,14 +214,16 @@ def _check(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
 
 def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, scale: float | None = None, num_splits: int | None = None,
-               num_warps: int = 4, num_stages: int = 2,
-               block_n: int | None = None) -> torch.Tensor:
+               num_warps: int = 4, num_stages: int = 2, block_n: int | None = None,
+               pdl: bool | None = None) -> torch.Tensor:
     """Decode attention of q over resident pages, read in place; shapes as ``lsa_decode_ref``.
 
     Every seq_lens entry must be >= 1 and the table must hold ceil(seq_len / C) valid pages per
     request (not checked on the device: the launch never synchronizes, so it can be captured in a
     CUDA graph). ``num_splits`` is fixed per launch; each request divides its own chunks into that
     many splits, so ragged batches stay balanced. ``block_n`` tokens are read per iteration.
+    ``pdl`` (default: on Hopper and newer) launches both kernels with programmatic dependent
+    launch, so their launch overlaps the previous kernel's tail; each waits before reading.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -227,32 +241,46 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
                if q.is_cuda else 132)
         num_splits = default_splits(b, hkv, max_blocks, sms)
     scale = d ** -0.5 if scale is None else scale
-    part = torch.empty((b, hq, num_splits, d), dtype=torch.float32, device=q.device)
+    if pdl is None:
+        pdl = _pdl_ok(q.device)
+    launch = {"launch_pdl": True} if pdl else {}
+    direct = num_splits == 1
+    part = torch.empty((b, hq, num_splits if not direct else 1, d), dtype=torch.float32,
+                       device=q.device)
     lse = torch.empty((b, hq, num_splits), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     d_pad = triton.next_power_of_2(d)
     _lsa_split_kernel[(b, hkv, num_splits)](
-        q, kv, block_table, seq_lens, part, lse,
+        q, kv, block_table, seq_lens, part, lse, out,
         q.stride(0), q.stride(1),
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         block_table.stride(0),
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
         scale * _LOG2E, num_splits,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         D_PAD=d_pad, PAGE=c, BLOCK_N=bn,
-        DOT_FP32=kv.dtype == torch.float32 or _interpreting(),
-        num_warps=num_warps, num_stages=num_stages,
+        DOT_FP32=kv.dtype == torch.float32 or _interpreting(), DIRECT=direct, PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, **launch,
     )
-    _lsa_merge_kernel[(b, hq)](
-        part, lse, out,
-        part.stride(0), part.stride(1), part.stride(2),
-        lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), num_splits,
-        HEAD_DIM=d, D_PAD=d_pad,
-        S_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
-    )
+    if not direct:
+        _lsa_merge_kernel[(b, hq)](
+            part, lse, out,
+            part.stride(0), part.stride(1), part.stride(2),
+            lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1), num_splits,
+            HEAD_DIM=d, D_PAD=d_pad,
+            S_PAD=max(2, triton.next_power_of_2(num_splits)), PDL=pdl, num_warps=4, **launch,
+        )
     return out
+
+
+def _pdl_ok(device: torch.device) -> bool:
+    """Programmatic dependent launch: compiled kernels on a Hopper-or-newer GPU."""
+    if device.type != "cuda" or _interpreting() or os.environ.get("FLASHMEMORY_PDL") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def resident_bytes(seq_lens: torch.Tensor, num_kv_heads: int, head_dim: int,
