@@ -109,7 +109,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Lookahead Sparse Attention inference.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,eval,serve,bench}")
+                                metavar="{generate,eval,serve,bench,indexer}")
     gen = sub.add_parser("generate", help="answer one prompt")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-file", help="file holding the prompt ('-' = stdin)")
@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flashmemory.bench import cli as bench_cli
 
     bench_cli.add_parser(sub, _lengths, _csv)
+    from flashmemory.indexer import cli as indexer_cli
+
+    indexer_cli.add_parser(sub, _csv, _common)
     return parser
 
 

@@ -84,6 +84,26 @@ class LLM:
         finally:
             self._release(store_id)
 
+    def trace(self, prompt: Prompt, sampling: SamplingParams,
+              lsa: LSAConfig) -> tuple[RequestOutput, list[torch.Tensor], list[str]]:
+        """Decode with full attention, recording each step's peak attention mass per chunk.
+
+        Returns the output, one (num_chunks_seen,) tensor per decode step, and the prompt's
+        chunk texts (the indexer's label dump).
+        """
+        store_id = f"p{next(self._ids)}"
+        start = time.perf_counter()
+        try:
+            first = self._prefill(store_id, prompt, lsa.chunk_size, embed=False)
+            texts = self.store.chunk_texts(store_id)
+            seq = self._new_seq(store_id, prompt, sampling, replace(lsa, mode="full"), start,
+                                None)
+            recorder = AttentionRecorder(self.model.config.num_layers)
+            out = self._decode([seq], {store_id: first}, recorder)[0]
+            return out, recorder.steps.get(seq.rid, []), texts
+        finally:
+            self._release(store_id)
+
     # -- internals ----------------------------------------------------------------------------
     def _run(self, prompts: list[Prompt], sampling: SamplingParams | None,
              lsa: LSAConfig | None) -> list[RequestOutput]:

@@ -42,9 +42,17 @@ class NeuralIndexer:
                  batch_size: int = 64, overlap_chars: int = 120) -> None:
         from sentence_transformers import SentenceTransformer
 
+        from flashmemory.indexer.train import read_meta
+
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.encoder = SentenceTransformer(str(resolve_indexer(name)), device=device)
+        path = resolve_indexer(name)
+        self.encoder = SentenceTransformer(str(path), device=device)
         self.batch_size = batch_size
+        # a trained checkpoint says how it read chunks and which score threshold it calibrated
+        self.meta = read_meta(path)
+        if self.meta is not None:
+            overlap_chars = int(self.meta["config"]["overlap_chars"])
+        self.threshold: float | None = None if self.meta is None else self.meta["threshold"]
         # Each chunk is embedded with the tail of the chunk before it, so a fact cut by a chunk
         # boundary still reads whole in the chunk that holds its end.
         self.overlap_chars = overlap_chars

@@ -151,6 +151,15 @@ class _Slots(dict[str, Any]):
         return value
 
 
+def prose_sentences(rng: random.Random, count: int) -> list[str]:
+    """``count`` seeded filler sentences (the haystack prose), without token accounting."""
+    out = []
+    for _ in range(count):
+        text = rng.choice(_TEMPLATES).format_map(_Slots(rng))
+        out.append(text[0].upper() + text[1:])
+    return out
+
+
 class _Filler:
     """Seeded, lazily extended stream of prose sentences with per-sentence token estimates."""
 
@@ -162,8 +171,7 @@ class _Filler:
         self.cum: list[int] = [0]  # cum[k] = estimated tokens of the first k sentences
 
     def sentence(self) -> str:
-        text = self._rng.choice(_TEMPLATES).format_map(_Slots(self._rng))
-        return text[0].upper() + text[1:]
+        return prose_sentences(self._rng, 1)[0]
 
     def _add_paragraph(self) -> None:
         for i in range(self._rng.randint(3, 8)):

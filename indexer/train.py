@@ -1,0 +1,175 @@
+"""Train the Neural Memory Indexer from dumped lookahead labels alone (no backbone is loaded).
+
+``flashmemory indexer train`` reads the label dump (``indexer.labels``), turns each training row
+into (lookahead query, positive chunk, hard negative chunk from the same document) triples and
+fine-tunes the text dual encoder with sentence-transformers' trainer and its multiple-negatives
+ranking loss (in-batch negatives plus the hard negative). A held-out tenth of the rows calibrates
+a score threshold (the lowest positive score that keeps ``target_recall`` of the positives) so
+that selection can follow scores, as in the paper. The checkpoint is a sentence-transformers
+directory plus ``flashmemory_indexer.json`` (format version, base model, data, threshold).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "flashmemory-indexer"
+FORMAT_VERSION = 1
+META_FILE = "flashmemory_indexer.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    base: str = "minilm"  # alias or sentence-transformers directory to start from
+    epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 3e-5
+    warmup_ratio: float = 0.1
+    hard_negatives: int = 1  # per positive, from the same document's low-mass candidates
+    max_rows: int | None = None
+    target_recall: float = 0.9  # calibration: share of held-out positives above the threshold
+    overlap_chars: int = 120  # as NeuralIndexer: each chunk is read with its predecessor's tail
+    logging_steps: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.batch_size < 2 or self.learning_rate <= 0:
+            raise ValueError("epochs > 0, batch_size >= 2 and learning_rate > 0 are required")
+        if not 0 < self.target_recall <= 1:
+            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
+
+
+def read_labels(path: Path, split: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a label dump (a directory of part files or one Parquet file)."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise FileNotFoundError(f"no label dump at {path}")
+    rows = pq.read_table(path).to_pylist()
+    return [r for r in rows if split is None or r["split"] == split]
+
+
+def chunk_view(texts: list[str], i: int, overlap: int) -> str:
+    """What the indexer embeds for chunk i: the previous chunk's tail, then the chunk."""
+    return (texts[i - 1][-overlap:] if i and overlap else "") + texts[i]
+
+
+def triples(rows: list[dict[str, Any]], cfg: TrainConfig) -> list[tuple[str, str, str]]:
+    """(query, positive, hard negative) for every positive of every row that has one."""
+    rng = random.Random(cfg.seed)
+    out = []
+    for r in rows:
+        pos = set(r["positives"])
+        if not pos:
+            continue
+        ranked = sorted(zip(r["candidates"], r["mass"], strict=True), key=lambda cm: cm[1])
+        negs = [c for c, _ in ranked if c not in pos][: max(4, len(ranked) // 2)]  # low mass
+        if not negs:
+            continue
+        for p in sorted(pos):
+            for n in rng.sample(negs, min(cfg.hard_negatives, len(negs))):
+                out.append((r["query"], chunk_view(r["chunk_texts"], p, cfg.overlap_chars),
+                            chunk_view(r["chunk_texts"], n, cfg.overlap_chars)))
+    rng.shuffle(out)
+    return out
+
+
+def calibrate(model: Any, rows: list[dict[str, Any]], cfg: TrainConfig) -> tuple[float, float]:
+    """Threshold keeping ``target_recall`` of held-out positives, and the share of negatives
+    it also keeps (the price of that recall)."""
+    pos_s, neg_s = [], []
+    for r in rows:
+        if not r["positives"]:
+            continue
+        views = [chunk_view(r["chunk_texts"], c, cfg.overlap_chars) for c in r["candidates"]]
+        emb = model.encode([r["query"], *views], convert_to_tensor=True,
+                           normalize_embeddings=True, show_progress_bar=False)
+        sims = (emb[1:] @ emb[0]).tolist()
+        pos = set(r["positives"])
+        for c, s in zip(r["candidates"], sims, strict=True):
+            (pos_s if c in pos else neg_s).append(s)
+    if not pos_s:
+        return 0.0, 1.0
+    pos_s.sort(reverse=True)
+    t = pos_s[min(len(pos_s) - 1, int(cfg.target_recall * len(pos_s) + 0.999) - 1)]
+    kept = sum(s >= t for s in neg_s) / max(1, len(neg_s))
+    return float(t), float(kept)
+
+
+def train(labels: Path, out_dir: Path, cfg: TrainConfig, device: str | None = None) -> dict:
+    """Fine-tune, calibrate and save; returns the metadata written next to the weights."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    try:  # sentence-transformers >= 6 moved these; 5.x has only the old paths
+        from sentence_transformers.sentence_transformer.losses import (
+            MultipleNegativesRankingLoss,
+        )
+        from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    except ImportError:
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+        from sentence_transformers.training_args import BatchSamplers
+
+    from flashmemory.indexer.neural import resolve_indexer
+
+    rows = read_labels(labels, "train")
+    if cfg.max_rows:
+        rows = rows[: cfg.max_rows]
+    rng = random.Random(cfg.seed)
+    rng.shuffle(rows)
+    held = rows[: max(1, len(rows) // 10)] if len(rows) >= 10 else []
+    fit_rows = rows[len(held):]
+    data = triples(fit_rows, cfg)
+    if not data:
+        raise ValueError(f"{labels} has no training rows with positives (split 'train')")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = SentenceTransformer(str(resolve_indexer(cfg.base)), device=device)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out_dir / "trainer"), num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        warmup_ratio=cfg.warmup_ratio, seed=cfg.seed, save_strategy="no", report_to="none",
+        batch_sampler=BatchSamplers.NO_DUPLICATES, logging_steps=cfg.logging_steps,
+        use_cpu=device == "cpu",
+        disable_tqdm=True)
+    dataset = Dataset.from_dict({"anchor": [a for a, _, _ in data],
+                                 "positive": [p for _, p, _ in data],
+                                 "negative": [n for _, _, n in data]})
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
+                                         loss=MultipleNegativesRankingLoss(model))
+    result = trainer.train()
+    threshold, neg_kept = calibrate(model, held or fit_rows[:50], cfg)
+    model.save(str(out_dir))
+    meta = {"format": FORMAT, "version": FORMAT_VERSION,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "base": cfg.base, "config": asdict(cfg), "labels": str(labels),
+            "train_rows": len(fit_rows), "calibration_rows": len(held), "triples": len(data),
+            "families": sorted({r["family"] for r in fit_rows}),
+            "train_loss": float(result.training_loss),
+            "loss_curve": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "threshold": threshold,
+            "threshold_recall": cfg.target_recall, "threshold_negatives_kept": neg_kept}
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def read_meta(path: Path) -> dict | None:
+    """A trained indexer's metadata, or None for a plain sentence-transformers directory."""
+    f = path / META_FILE
+    if not f.exists():
+        return None
+    meta = json.loads(f.read_text())
+    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{f}: not a {FORMAT} v<={FORMAT_VERSION} checkpoint")
+    return meta

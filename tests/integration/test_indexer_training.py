@@ -1,0 +1,73 @@
+"""The indexer pipeline end to end on CPU: a label dump with SmolLM2 (resumable), and training
+MiniLM on a toy task that the zero-shot model gets wrong, with a save / load round trip."""
+
+from __future__ import annotations
+
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flashmemory.indexer import corpus
+from flashmemory.indexer.evaluate import evaluate, neural_scorer
+from flashmemory.indexer.labels import DumpConfig, done_doc_ids, dump
+from flashmemory.indexer.train import TrainConfig, read_labels, read_meta, train
+
+
+def test_dump_writes_labels_and_resumes(tmp_path):
+    from flashmemory import LLM
+
+    docs = list(corpus.synthetic(["retrieve", "multihop"], 1, 1400, seed=3))
+    llm = LLM("smollm2-135m-instruct")
+    cfg = DumpConfig(steps=6, window=4, chunk_size=32, recent_tokens=32, flush_every=1)
+    out = tmp_path / "labels"
+    assert dump(llm, docs[:1], out, cfg, progress=False) == 2  # windows [0, 4) and [4, 6)
+    assert dump(llm, docs, out, cfg, progress=False) == 2  # only the second document is new
+    assert done_doc_ids(out) == {d.doc_id for d in docs}
+    rows = read_labels(out)
+    assert len(rows) == 4 and {r["split"] for r in rows} == {"train", "eval"}
+    for r in rows:
+        assert len(r["mass"]) == len(r["candidates"]) and set(r["positives"]) <= set(
+            r["candidates"])
+        assert 0 not in r["candidates"]  # the sink is always resident, never a label
+        assert sum(r["mass"]) > 0 and r["positives"]
+    assert rows[1]["query"].startswith(rows[0]["query"])  # window 1 adds the generated text
+
+
+def _toy_rows(n: int, seed: int) -> list[dict]:
+    """The positive chunk shares no words with the query; distractors repeat the query's words."""
+    rng = random.Random(seed)
+    animals = ["falcon", "heron", "otter", "lynx", "badger", "marten", "ibis", "stoat"]
+    rows = []
+    for i in range(n):
+        texts = [f"Preface number {i}."]
+        for j in range(8):
+            texts.append(f"Ledger line {j}: where is the launch code kept? Nobody recalls the "
+                         f"launch code, said clerk {rng.randint(1, 99)}.")
+        pos = rng.randint(1, 8)
+        texts[pos] = (f"Ledger line {pos}: the {rng.choice(animals)} with the brass ring rests "
+                      f"beside crate {rng.randint(10, 99)}.")
+        rows.append(dict(doc_id=f"toy-{seed}-{i}", family="toy", split="train", window=0,
+                         step_start=0, query="Where is the launch code kept?",
+                         chunk_texts=texts, candidates=list(range(1, 9)),
+                         mass=[5.0 if c == pos else 0.1 for c in range(1, 9)], positives=[pos],
+                         answer="", output=""))
+    return rows
+
+
+def test_training_fixes_what_zero_shot_gets_wrong_and_round_trips(tmp_path):
+    pq.write_table(pa.Table.from_pylist(_toy_rows(48, 0)), tmp_path / "toy.parquet")
+    held_out = _toy_rows(12, 1)
+    zero = evaluate(held_out, {"minilm": neural_scorer("minilm")}, (0.125,))
+    zero_recall = next(r["recall"] for r in zero if r["family"] == "all")
+    assert zero_recall < 50  # the lexical distractors win zero-shot
+    out = tmp_path / "trained"
+    meta = train(tmp_path / "toy.parquet", out,
+                 TrainConfig(epochs=3, batch_size=8, learning_rate=1e-4, logging_steps=5,
+                             overlap_chars=0), device="cpu")
+    assert meta["loss_curve"][-1] < meta["loss_curve"][0]
+    assert read_meta(out)["threshold"] == pytest.approx(meta["threshold"])
+    trained = evaluate(held_out, {"trained": neural_scorer(str(out))}, (0.125,))
+    trained_recall = next(r["recall"] for r in trained if r["family"] == "all")
+    assert trained_recall >= zero_recall + 40, (zero_recall, trained_recall)

@@ -1,0 +1,83 @@
+"""Indexer training pipeline pieces computed from known inputs: corpus, labels, evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashmemory.indexer import corpus
+from flashmemory.indexer.evaluate import evaluate, oracle_scorer, recency_scorer, score_row
+from flashmemory.indexer.labels import DumpConfig, label_rows, top_p_positives
+from flashmemory.indexer.train import TrainConfig, chunk_view, triples
+
+
+def test_synthetic_corpus_is_seeded_split_by_family_and_round_trips(tmp_path):
+    docs = list(corpus.synthetic(["retrieve", "aggregate", "multihop"], 3, 2000, seed=5))
+    again = list(corpus.synthetic(["retrieve", "aggregate", "multihop"], 3, 2000, seed=5))
+    assert docs == again and len({d.doc_id for d in docs}) == 9
+    assert {d.split for d in docs if d.family == "multihop"} == {"eval"}
+    assert {d.split for d in docs if d.family != "multihop"} == {"train"}
+    for d in docs:
+        for part in d.answer.split("; "):
+            assert part in d.context  # every answer is stated in its document
+        assert abs(len(d.context) - 2000) < 1000
+    path = corpus.write_corpus(docs, tmp_path / "c.parquet")
+    assert corpus.read_corpus(path) == docs
+    assert [d.family for d in corpus.read_corpus(path, "eval")] == ["multihop"] * 3
+    with pytest.raises(ValueError, match="unknown synthetic family"):
+        list(corpus.synthetic(["poetry"], 1, 100, 0))
+
+
+def test_text_documents_from_html(tmp_path):
+    body = " ".join(f"Sentence number {i} explains how the parser handles case {i}." for i in
+                    range(60))
+    (tmp_path / "a.html").write_text(f"<html><script>x()</script><p>{body}</p></html>")
+    docs = list(corpus.text_documents(tmp_path, 1, 1500, seed=0))
+    assert len(docs) == 1 and "x()" not in docs[0].context and "<p>" not in docs[0].context
+    assert docs[0].answer in docs[0].context and docs[0].split == "train"
+
+
+def test_top_p_positives():
+    mass = torch.tensor([0.1, 5.0, 0.0, 3.0, 2.0])
+    assert top_p_positives(mass, 0.4, 10) == [1]  # 5.0 of 10.1
+    assert top_p_positives(mass, 0.75, 10) == [1, 3]
+    assert top_p_positives(mass, 0.8, 10) == [1, 3, 4]
+    assert top_p_positives(mass, 1.0, 2) == [1, 3]
+    assert top_p_positives(torch.zeros(3), 0.9, 5) == []
+
+
+def test_label_rows_sum_windows_and_exclude_sink_and_tail():
+    # 6 prompt chunks of 4 tokens (24 tokens); sink 1 chunk, tail 4 tokens -> chunks 0 and 5 fixed
+    cfg = DumpConfig(window=2, chunk_size=4, sink_chunks=1, recent_tokens=4, top_p=0.6)
+    steps = [torch.tensor([9.0, 1, 0, 0, 0, 9]), torch.tensor([9.0, 2, 0, 1, 0, 9, 1]),
+             torch.tensor([9.0, 0, 0, 0, 3, 9, 1])]
+    doc = corpus.Document("d", "retrieve", "train", "ctx", "q?", "a")
+    rows = label_rows(doc, steps, [f"c{i}" for i in range(6)], [7, 8, 9], 24, "base",
+                      lambda ids: "".join(f"<{i}>" for i in ids), cfg)
+    assert [r["window"] for r in rows] == [0, 1] and [r["step_start"] for r in rows] == [0, 2]
+    assert rows[0]["candidates"] == [1, 2, 3, 4] and rows[0]["mass"] == [3.0, 0.0, 1.0, 0.0]
+    assert rows[0]["positives"] == [1] and rows[0]["query"] == "base"
+    assert rows[1]["mass"] == [0.0, 0.0, 0.0, 3.0] and rows[1]["positives"] == [4]
+    assert rows[1]["query"] == "base <7><8>" and rows[1]["output"] == "<7><8><9>"
+
+
+def test_score_row_and_evaluate_from_known_inputs():
+    row = dict(doc_id="d", window=0, family="f", chunk_texts=["x"] * 10,
+               candidates=[1, 2, 3, 4, 5], mass=[1.0, 0.0, 6.0, 0.0, 3.0], positives=[3, 5])
+    s = score_row(row, torch.tensor([5.0, 4, 3, 2, 1]), 0.2)  # keeps 2 chunks: 1 and 2
+    assert (s.mass_recall, s.recall, s.precision) == (0.1, 0.0, 0.0)
+    s = score_row(row, torch.tensor(row["mass"]), 0.2)  # the oracle keeps 3 and 5
+    assert (s.mass_recall, s.recall, s.precision) == (0.9, 1.0, 1.0)
+    res = evaluate([row], {"oracle": oracle_scorer, "recency": recency_scorer}, (0.1, 0.3))
+    by = {(r["selector"], r["budget"], r["family"]): r for r in res}
+    assert by[("oracle", 0.1, "all")]["mass_recall"] == pytest.approx(60.0)
+    assert by[("recency", 0.3, "f")]["recall"] == pytest.approx(100.0)  # keeps 5, 4, 3
+    assert by[("recency", 0.3, "f")]["precision"] == pytest.approx(200 / 3)
+
+
+def test_triples_use_low_mass_chunks_of_the_same_document_as_hard_negatives():
+    row = dict(query="q", chunk_texts=["aaa", "bbb", "ccc", "ddd", "eee"], candidates=[1, 2, 3, 4],
+               mass=[5.0, 0.1, 0.2, 0.0], positives=[1])
+    got = triples([row], TrainConfig(hard_negatives=2, overlap_chars=1))
+    assert len(got) == 2 and all(t[0] == "q" and t[1] == "abbb" for t in got)
+    assert {t[2] for t in got} <= {chunk_view(row["chunk_texts"], i, 1) for i in (2, 3, 4)}
