@@ -34,27 +34,63 @@ class AttentionRecorder:
     averaged over all heads their signal drowns in heads that attend to sinks and recent tokens.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, quest_every: int | None = None) -> None:
         self.num_layers = num_layers
         self.current: dict[str, torch.Tensor] = {}  # request -> (num_chunks_seen,) fp32 sum
         self.steps: dict[str, list[torch.Tensor]] = {}
+        # Quest-style scores (the backbone's own query against per-chunk key bounds), recorded
+        # every ``quest_every`` steps: request -> step -> (num_chunks_seen,)
+        self.quest_every = quest_every
+        self.quest: dict[str, dict[int, torch.Tensor]] = {}
+        self._quest_now: dict[str, torch.Tensor] = {}
 
-    def add(self, request_id: str, chunks: torch.Tensor, mass: torch.Tensor) -> None:
-        size = int(chunks.max()) + 1
-        acc = self.current.get(request_id)
-        if acc is None or acc.numel() < size:
-            grown = torch.zeros(size)
-            if acc is not None:
-                grown[: acc.numel()] = acc
-            acc = grown
-        idx = chunks.cpu()
-        acc[idx] = torch.maximum(acc[idx], mass.float().cpu())
-        self.current[request_id] = acc
+    def wants_quest(self, request_id: str) -> bool:
+        step = len(self.steps.get(request_id, []))
+        return self.quest_every is not None and step % self.quest_every == 0
+
+    def add(self, request_id: str, chunks: torch.Tensor, mass: torch.Tensor,
+            quest: torch.Tensor | None = None) -> None:
+        self.current[request_id] = _peak(self.current.get(request_id), chunks, mass)
+        if quest is not None:
+            self._quest_now[request_id] = _peak(self._quest_now.get(request_id), chunks, quest)
 
     def end_step(self) -> None:
         for rid, acc in self.current.items():
             self.steps.setdefault(rid, []).append(acc)
-        self.current = {}
+        for rid, acc in self._quest_now.items():
+            self.quest.setdefault(rid, {})[len(self.steps[rid]) - 1] = acc
+        self.current, self._quest_now = {}, {}
+
+
+def _peak(acc: torch.Tensor | None, chunks: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Elementwise max of ``value`` into ``acc`` at ``chunks`` (grown as needed)."""
+    size = int(chunks.max()) + 1
+    if acc is None or acc.numel() < size:
+        grown = torch.zeros(size)
+        if acc is not None:
+            grown[: acc.numel()] = acc
+        acc = grown
+    idx = chunks.cpu()
+    acc[idx] = torch.maximum(acc[idx], value.float().cpu())
+    return acc
+
+
+def quest_scores(q: torch.Tensor, k: torch.Tensor, n: int, c: int) -> torch.Tensor:
+    """Quest's page scores, per chunk: for each query head, the upper bound of q.k over the
+    chunk from the elementwise min / max of its keys, softmaxed over chunks; peak over heads.
+
+    q: (Hq, D); k: (Hkv, T, D) the request's keys in chunk order (T <= n * c) -> (n,).
+    """
+    hq, hkv, d = q.shape[0], k.shape[0], k.shape[-1]
+    t = k.shape[1]
+    lo = torch.full((hkv, n * c, d), float("inf"), dtype=torch.float32)
+    hi = torch.full((hkv, n * c, d), float("-inf"), dtype=torch.float32)
+    lo[:, :t], hi[:, :t] = k.float().cpu(), k.float().cpu()
+    kmin = lo.view(hkv, n, c, d).amin(2).repeat_interleave(hq // hkv, 0)  # (Hq, n, D)
+    kmax = hi.view(hkv, n, c, d).amax(2).repeat_interleave(hq // hkv, 0)
+    qq = q.float().cpu()[:, None, :]  # (Hq, 1, D)
+    bound = torch.maximum(qq * kmin, qq * kmax).sum(-1)  # (Hq, n)
+    return torch.softmax(bound * d ** -0.5, dim=-1).max(0).values
 
 
 class DecodeBackend:
@@ -97,7 +133,9 @@ class DecodeBackend:
         padded = torch.zeros(hq, n * c, dtype=per_tok.dtype)
         padded[:, : per_tok.shape[1]] = per_tok.cpu()
         per_chunk = padded.view(hq, n, c).sum(2)  # (Hq, n) mass of each head on each chunk
-        self.recorder.add(s.request_id, s.chunks, per_chunk.max(0).values)
+        quest = (quest_scores(q[0, :, 0], k, n, c) if self.recorder.wants_quest(s.request_id)
+                 else None)
+        self.recorder.add(s.request_id, s.chunks, per_chunk.max(0).values, quest)
 
 
 def build_slot(pool: ChunkPool, request_id: str) -> DecodeSlot:

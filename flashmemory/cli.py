@@ -97,7 +97,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LSA")
     g.add_argument("--budget", type=float, default=0.1, help="fraction of prompt chunks kept")
     g.add_argument("--budget-tokens", type=int, help="token budget (overrides --budget)")
-    g.add_argument("--threshold", type=float, help="minimum selector score")
+    g.add_argument("--threshold", type=float,
+                   help="adaptive budget: keep chunks scoring >= this, --budget is the ceiling")
+    g.add_argument("--min-budget", type=float, default=0.0,
+                   help="with --threshold: fraction of prompt chunks kept at least (the floor)")
     g.add_argument("--chunk-size", type=int, default=64)
     g.add_argument("--recent-tokens", type=int, default=128)
     g.add_argument("--sink-chunks", type=int, default=1)
@@ -161,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _lsa(args: argparse.Namespace, mode: str, seed: int | None) -> LSAConfig:
     return LSAConfig(mode=mode, chunk_size=args.chunk_size,  # type: ignore[arg-type]
                      budget=args.budget, budget_tokens=args.budget_tokens,
-                     threshold=args.threshold, sink_chunks=args.sink_chunks,
+                     threshold=args.threshold, min_budget=args.min_budget,
+                     sink_chunks=args.sink_chunks,
                      recent_tokens=args.recent_tokens, repredict_every=args.repredict_every,
                      seed=seed or 0)
 

@@ -48,7 +48,8 @@ class LSAConfig:
     chunk_size: int = 64  # tokens per chunk (C)
     budget: float | None = 0.1  # fraction of prompt chunks a selector may keep ...
     budget_tokens: int | None = None  # ... or a token count (overrides budget)
-    threshold: float | None = None  # optional minimum selector score
+    threshold: float | None = None  # optional minimum selector score (adaptive budget) ...
+    min_budget: float = 0.0  # ... keeping at least this fraction of prompt chunks (the floor)
     sink_chunks: int = 1
     recent_tokens: int = 128  # recency tail W (prompt end + generated)
     repredict_every: int = 64  # decode steps between re-predictions
@@ -65,6 +66,8 @@ class LSAConfig:
                 raise ValueError(f"budget_tokens must be >= 0, got {self.budget_tokens}")
         elif self.budget is None or not 0.0 <= self.budget <= 1.0:
             raise ValueError(f"budget must be a fraction in [0, 1], got {self.budget}")
+        if not 0.0 <= self.min_budget <= 1.0:
+            raise ValueError(f"min_budget must be a fraction in [0, 1], got {self.min_budget}")
         if self.sink_chunks < 0 or self.recent_tokens < 1 or self.repredict_every < 1:
             raise ValueError("sink_chunks >= 0, recent_tokens >= 1, repredict_every >= 1 required")
 

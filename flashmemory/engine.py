@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,16 @@ from flashmemory.sampling import make_generator
 from flashmemory.types import Messages, Prompt, RequestOutput, tokenize_prompt
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A full-attention decode with its attention record (``LLM.trace``)."""
+
+    output: RequestOutput
+    steps: list[torch.Tensor]  # per decode step: (num_chunks_seen,) peak attention mass
+    chunk_texts: list[str]  # the prompt's chunks
+    quest: dict[int, torch.Tensor]  # step -> (num_chunks_seen,) Quest-style scores
 
 
 class LLM:
@@ -84,13 +94,10 @@ class LLM:
         finally:
             self._release(store_id)
 
-    def trace(self, prompt: Prompt, sampling: SamplingParams,
-              lsa: LSAConfig) -> tuple[RequestOutput, list[torch.Tensor], list[str]]:
-        """Decode with full attention, recording each step's peak attention mass per chunk.
-
-        Returns the output, one (num_chunks_seen,) tensor per decode step, and the prompt's
-        chunk texts (the indexer's label dump).
-        """
+    def trace(self, prompt: Prompt, sampling: SamplingParams, lsa: LSAConfig,
+              quest_every: int | None = None) -> Trace:
+        """Decode with full attention, recording each step's peak attention mass per chunk
+        (and Quest-style scores every ``quest_every`` steps): the indexer's label dump."""
         store_id = f"p{next(self._ids)}"
         start = time.perf_counter()
         try:
@@ -98,9 +105,10 @@ class LLM:
             texts = self.store.chunk_texts(store_id)
             seq = self._new_seq(store_id, prompt, sampling, replace(lsa, mode="full"), start,
                                 None)
-            recorder = AttentionRecorder(self.model.config.num_layers)
+            recorder = AttentionRecorder(self.model.config.num_layers, quest_every)
             out = self._decode([seq], {store_id: first}, recorder)[0]
-            return out, recorder.steps.get(seq.rid, []), texts
+            return Trace(out, recorder.steps.get(seq.rid, []), texts,
+                         recorder.quest.get(seq.rid, {}))
         finally:
             self._release(store_id)
 

@@ -47,9 +47,10 @@ class SelectionRequest:
     request_id: str
     num_prompt_chunks: int
     candidates: list[int]  # prompt chunks outside sink and tail, the ones to rank
-    k: int  # how many of the candidates may be kept
+    k: int  # how many of the candidates may be kept (the ceiling)
     step: int  # decode steps done so far
     query: str  # lookahead query text: the question plus recently generated text
+    floor: int = 0  # with a threshold: keep at least this many top candidates anyway
 
 
 class Selector(Protocol):
@@ -63,7 +64,8 @@ class Selector(Protocol):
 
 
 def pick(scores: torch.Tensor | None, req: SelectionRequest, threshold: float | None) -> list[int]:
-    """Top-k of candidates by score (ties broken by chunk order), filtered by threshold."""
+    """Top-k of candidates by score (ties broken by chunk order), filtered by threshold; with a
+    threshold the count follows the scores between ``req.floor`` and ``req.k`` (adaptive)."""
     if scores is None:
         return list(req.candidates)
     if req.k <= 0 or not req.candidates:
@@ -71,8 +73,8 @@ def pick(scores: torch.Tensor | None, req: SelectionRequest, threshold: float | 
     k = min(req.k, len(req.candidates))
     top = torch.topk(scores.float(), k, sorted=True)
     pairs = zip(top.indices.tolist(), top.values.tolist(), strict=True)
-    keep = [req.candidates[i] for i, s in pairs
-            if s != float("-inf") and (threshold is None or s >= threshold)]
+    keep = [req.candidates[i] for rank, (i, s) in enumerate(pairs)
+            if s != float("-inf") and (threshold is None or s >= threshold or rank < req.floor)]
     return sorted(keep)
 
 
@@ -108,7 +110,8 @@ def plan_resident(lsa: LSAConfig, selector: Selector, state: ResidencyState,
     budget = Budget(None if lsa.budget_tokens is not None else lsa.budget, lsa.budget_tokens,
                     lsa.threshold)
     cands = [i for i in range(n) if i not in fixed]
+    floor = math.ceil(lsa.min_budget * n - 1e-9) if lsa.threshold is not None else 0
     req = SelectionRequest(state.store_id, n, cands, budget.num_chunks(n, chunk_size),
-                           state.step, state.query)
+                           state.step, state.query, floor)
     chosen = pick(selector.scores(req), req, lsa.threshold) if cands else []
     return fixed | set(chosen), len(chosen)

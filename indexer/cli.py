@@ -116,12 +116,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     rows = read_labels(args.labels, None if args.split == "all" else args.split)
     if not rows:
         raise ValueError(f"{args.labels} has no rows for split {args.split!r}")
-    scorers = evaluate.baseline_scorers()
+    from flashmemory.indexer.train import read_meta
+
+    scorers = evaluate.baseline_scorers(quest=all(r.get("quest") is not None for r in rows))
+    adaptive = {}
     for name in args.indexers:
         scorers[name] = evaluate.neural_scorer(name, args.device)
-    result = evaluate.evaluate(rows, scorers, budgets)
-    print(markdown(result, ["selector", "budget", "family", "rows", "mass_recall", "recall",
-                            "precision"]))
+        meta = read_meta(Path(name)) if Path(name).is_dir() else None
+        if meta is not None:  # a trained indexer: also its calibrated threshold
+            adaptive[name] = evaluate.Adaptive(meta["threshold"])
+    result = evaluate.evaluate(rows, scorers, budgets, adaptive)
+    print(markdown(result, ["selector", "budget", "family", "rows", "kept_pct", "mass_recall",
+                            "recall", "precision"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

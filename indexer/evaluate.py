@@ -7,8 +7,10 @@ sink and recency tail are resident on top, as in decode). Measures, averaged ove
   recall        share of the positive chunks (the top-p label) inside the kept set
   precision     share of the kept chunks that are positives
 Selectors: ``oracle`` (the mass itself: the ceiling), ``recency`` (latest candidates first),
-``random`` (seeded), and any sentence-transformers indexer (``minilm`` zero-shot, or a trained
-checkpoint directory), scored exactly as ``NeuralIndexer`` scores them in serving.
+``random`` (seeded), ``quest`` (the backbone's own query against per-chunk key bounds, recorded
+by the dump: the baseline that needs the backbone), and any sentence-transformers indexer
+(``minilm`` zero-shot, or a trained checkpoint directory), scored as ``NeuralIndexer`` scores
+them in serving.
 """
 
 from __future__ import annotations
@@ -30,23 +32,56 @@ class RowScore:
     mass_recall: float
     recall: float
     precision: float
+    kept: float  # kept candidates over all prompt chunks
 
 
-def score_row(row: dict[str, Any], scores: torch.Tensor, budget: float) -> RowScore | None:
-    """Measures of keeping the top ceil(budget x chunks) candidates by ``scores``."""
+@dataclass(frozen=True)
+class Adaptive:
+    """Threshold selection: keep candidates scoring >= threshold, between floor and ceiling
+    (fractions of the prompt chunks), as ``LSAConfig(threshold=..., min_budget=..., budget=...)``
+    does in decode."""
+
+    threshold: float
+    floor: float = 0.02
+    ceiling: float = 0.2
+
+
+def _measure(row: dict[str, Any], kept: torch.Tensor, mass: torch.Tensor) -> RowScore:
+    pos = set(row["positives"])
+    hits = sum(1 for i in kept.tolist() if row["candidates"][i] in pos)
+    k = len(kept)
+    return RowScore(float(mass[kept].sum() / mass.sum()), hits / max(1, len(pos)),
+                    hits / max(1, k), k / len(row["chunk_texts"]))
+
+
+def score_row(row: dict[str, Any], scores: torch.Tensor,
+              budget: float | Adaptive) -> RowScore | None:
+    """Measures of keeping the top ceil(budget x chunks) candidates by ``scores`` (or, adaptive,
+    those above the threshold within the floor and the ceiling)."""
     cands, mass = row["candidates"], torch.tensor(row["mass"], dtype=torch.float64)
     if not cands or float(mass.sum()) <= 0:
         return None
-    k = min(len(cands), math.ceil(budget * len(row["chunk_texts"]) - 1e-9))
-    kept = torch.argsort(scores, descending=True, stable=True)[:k]
-    pos = set(row["positives"])
-    hits = sum(1 for i in kept.tolist() if cands[i] in pos)
-    return RowScore(float(mass[kept].sum() / mass.sum()), hits / max(1, len(pos)),
-                    hits / max(1, k))
+    n = len(row["chunk_texts"])
+    order = torch.argsort(scores, descending=True, stable=True)
+    if isinstance(budget, Adaptive):
+        lo = math.ceil(budget.floor * n - 1e-9)
+        hi = math.ceil(budget.ceiling * n - 1e-9)
+        above = int((scores >= budget.threshold).sum())
+        k = min(len(cands), max(lo, min(hi, above)))
+    else:
+        k = min(len(cands), math.ceil(budget * n - 1e-9))
+    return _measure(row, order[:k], mass)
 
 
 def oracle_scorer(row: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(row["mass"])
+
+
+def quest_scorer(row: dict[str, Any]) -> torch.Tensor:
+    """Quest-style baseline, recorded at dump time (it needs the backbone's query and keys)."""
+    if row.get("quest") is None:
+        raise ValueError(f"row {row['doc_id']}/{row['window']} has no Quest scores: re-dump")
+    return torch.tensor(row["quest"])
 
 
 def recency_scorer(row: dict[str, Any]) -> torch.Tensor:
@@ -80,28 +115,43 @@ def neural_scorer(name: str, device: str = "cpu") -> Scorer:
 
 
 def evaluate(rows: list[dict[str, Any]], scorers: dict[str, Scorer],
-             budgets: tuple[float, ...] = (0.05, 0.1, 0.2)) -> list[dict[str, Any]]:
-    """One result row per (selector, budget, family), plus family 'all'."""
+             budgets: tuple[float, ...] = (0.05, 0.1, 0.2),
+             adaptive: dict[str, Adaptive] | None = None) -> list[dict[str, Any]]:
+    """One result row per (selector, budget, family), plus family 'all'; ``adaptive`` adds a
+    threshold row for the named selectors."""
     out = []
     for name, scorer in scorers.items():
-        acc: dict[tuple[float, str], list[RowScore]] = defaultdict(list)
+        modes: list[float | Adaptive] = list(budgets)
+        if adaptive and name in adaptive:
+            modes.append(adaptive[name])
+        acc: dict[tuple[int, str], list[RowScore]] = defaultdict(list)
         for row in rows:
             if not row["candidates"]:
                 continue
             scores = scorer(row)
-            for b in budgets:
-                s = score_row(row, scores, b)
+            for m, mode in enumerate(modes):
+                s = score_row(row, scores, mode)
                 if s is not None:
-                    acc[(b, row["family"])].append(s)
-                    acc[(b, "all")].append(s)
-        for (b, fam), vals in sorted(acc.items()):
-            out.append(dict(selector=name, budget=b, family=fam, rows=len(vals),
-                            mass_recall=100 * sum(v.mass_recall for v in vals) / len(vals),
-                            recall=100 * sum(v.recall for v in vals) / len(vals),
-                            precision=100 * sum(v.precision for v in vals) / len(vals)))
+                    acc[(m, row["family"])].append(s)
+                    acc[(m, "all")].append(s)
+        for (m, fam), vals in sorted(acc.items()):
+            mode = modes[m]
+            label = mode if isinstance(mode, float) else (
+                f"adaptive (>= {mode.threshold:.3f}, {mode.floor:g}-{mode.ceiling:g})")
+            out.append(dict(selector=name, budget=label, family=fam, rows=len(vals),
+                            kept_pct=100 * _mean(v.kept for v in vals),
+                            mass_recall=100 * _mean(v.mass_recall for v in vals),
+                            recall=100 * _mean(v.recall for v in vals),
+                            precision=100 * _mean(v.precision for v in vals)))
     return out
 
 
-def baseline_scorers(seed: int = 0) -> dict[str, Scorer]:
-    return {"oracle": oracle_scorer, "recency": recency_scorer, "random": random_scorer(seed)}
+def _mean(xs: Any) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def baseline_scorers(seed: int = 0, quest: bool = True) -> dict[str, Scorer]:
+    out = {"oracle": oracle_scorer, "recency": recency_scorer, "random": random_scorer(seed)}
+    return {**out, "quest": quest_scorer} if quest else out
 

@@ -15,6 +15,8 @@ documents already written (resumable). Schema, one row per (document, window):
   candidates: list<int>               chunks a selector chooses among
   mass: list<float>                   summed peak mass of each candidate over the window
   positives: list<int>                the top-p candidates (the label)
+  quest: list<float>                  Quest-style score of each candidate at step_start: the
+                                      backbone's query against per-chunk key min / max bounds
   answer, output: str                 gold answer and the backbone's generated text
 """
 
@@ -69,10 +71,10 @@ def prompt_of(doc: Document) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"{doc.context}\n\n{doc.question}"}]
 
 
-def label_rows(doc: Document, steps: list[torch.Tensor], chunk_texts: list[str],
-               output_ids: list[int], num_prompt_tokens: int, query_base: str,
+def label_rows(doc: Document, trace: Any, num_prompt_tokens: int, query_base: str,
                decode: Any, cfg: DumpConfig) -> list[dict[str, Any]]:
-    """One row per full or partial window of the recorded steps (see the module docstring)."""
+    """One row per full or partial window of a ``Trace`` (see the module docstring)."""
+    steps, chunk_texts, output_ids = trace.steps, trace.chunk_texts, trace.output.token_ids
     n = len(chunk_texts)
     rows = []
     for w, s0 in enumerate(range(0, len(steps), cfg.window)):
@@ -87,10 +89,12 @@ def label_rows(doc: Document, steps: list[torch.Tensor], chunk_texts: list[str],
         cand_mass = mass[cands] if cands else torch.zeros(0)
         pos = [cands[i] for i in top_p_positives(cand_mass, cfg.top_p, cfg.max_positives)]
         recent = decode(output_ids[:s0])[-400:] if s0 else ""
+        quest = trace.quest.get(s0)
         rows.append(dict(
             doc_id=doc.doc_id, family=doc.family, split=doc.split, window=w, step_start=s0,
             query=f"{query_base} {recent}" if recent else query_base,
             chunk_texts=chunk_texts, candidates=cands, mass=cand_mass.tolist(), positives=pos,
+            quest=None if quest is None else quest[cands].tolist(),
             answer=doc.answer, output=decode(output_ids)))
     return rows
 
@@ -130,10 +134,10 @@ def dump(llm: Any, docs: list[Document], out_dir: Path, cfg: DumpConfig,
 
     for i, doc in enumerate(tqdm(todo, desc="dump", disable=not progress, unit="doc")):
         prompt = llm.tokenize(_fit(llm, doc, cfg.max_prompt_tokens), chat=True)
-        out, steps, texts = llm.trace(prompt, sampling, lsa)
-        buffer += label_rows(doc, steps, texts, out.token_ids, len(prompt.token_ids),
-                             prompt.query, lambda ids: llm.tokenizer.decode(
-                                 ids, skip_special_tokens=True), cfg)
+        trace = llm.trace(prompt, sampling, lsa, quest_every=cfg.window)
+        buffer += label_rows(doc, trace, len(prompt.token_ids), prompt.query,
+                             lambda ids: llm.tokenizer.decode(ids, skip_special_tokens=True),
+                             cfg)
         if (i + 1) % cfg.flush_every == 0:
             flush()
     flush()

@@ -32,6 +32,7 @@ def test_dump_writes_labels_and_resumes(tmp_path):
             r["candidates"])
         assert 0 not in r["candidates"]  # the sink is always resident, never a label
         assert sum(r["mass"]) > 0 and r["positives"]
+        assert len(r["quest"]) == len(r["candidates"])  # recorded at each window's first step
     assert rows[1]["query"].startswith(rows[0]["query"])  # window 1 adds the generated text
 
 

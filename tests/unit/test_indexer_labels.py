@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flashmemory.engine import Trace
 from flashmemory.indexer import corpus
 from flashmemory.indexer.evaluate import evaluate, oracle_scorer, recency_scorer, score_row
 from flashmemory.indexer.labels import DumpConfig, label_rows, top_p_positives
 from flashmemory.indexer.train import TrainConfig, chunk_view, triples
+from flashmemory.types import RequestOutput
 
 
 def test_synthetic_corpus_is_seeded_split_by_family_and_round_trips(tmp_path):
@@ -52,8 +54,10 @@ def test_label_rows_sum_windows_and_exclude_sink_and_tail():
     steps = [torch.tensor([9.0, 1, 0, 0, 0, 9]), torch.tensor([9.0, 2, 0, 1, 0, 9, 1]),
              torch.tensor([9.0, 0, 0, 0, 3, 9, 1])]
     doc = corpus.Document("d", "retrieve", "train", "ctx", "q?", "a")
-    rows = label_rows(doc, steps, [f"c{i}" for i in range(6)], [7, 8, 9], 24, "base",
-                      lambda ids: "".join(f"<{i}>" for i in ids), cfg)
+    out = RequestOutput("r", "", [7, 8, 9], "length", "full", None)
+    trace = Trace(out, steps, [f"c{i}" for i in range(6)], {0: torch.arange(6.0)})
+    rows = label_rows(doc, trace, 24, "base", lambda ids: "".join(f"<{i}>" for i in ids), cfg)
+    assert rows[0]["quest"] == [1.0, 2.0, 3.0, 4.0] and rows[1]["quest"] is None
     assert [r["window"] for r in rows] == [0, 1] and [r["step_start"] for r in rows] == [0, 2]
     assert rows[0]["candidates"] == [1, 2, 3, 4] and rows[0]["mass"] == [3.0, 0.0, 1.0, 0.0]
     assert rows[0]["positives"] == [1] and rows[0]["query"] == "base"
@@ -81,3 +85,27 @@ def test_triples_use_low_mass_chunks_of_the_same_document_as_hard_negatives():
     got = triples([row], TrainConfig(hard_negatives=2, overlap_chars=1))
     assert len(got) == 2 and all(t[0] == "q" and t[1] == "abbb" for t in got)
     assert {t[2] for t in got} <= {chunk_view(row["chunk_texts"], i, 1) for i in (2, 3, 4)}
+
+
+def test_adaptive_selection_between_floor_and_ceiling():
+    from flashmemory.indexer.evaluate import Adaptive
+
+    row = dict(chunk_texts=["x"] * 20, candidates=list(range(1, 11)),
+               mass=[1.0] + [0.0] * 9, positives=[1])
+    scores = torch.linspace(1.0, 0.1, 10)  # candidate 1 scores highest
+    assert score_row(row, scores, Adaptive(0.75)).kept == pytest.approx(3 / 20)  # 1.0, .9, .8
+    assert score_row(row, scores, Adaptive(0.0)).kept == pytest.approx(4 / 20)  # ceiling 20%
+    low = score_row(row, scores, Adaptive(2.0))  # nothing above: the floor keeps 1 chunk
+    assert low.kept == pytest.approx(1 / 20) and low.mass_recall == 1.0
+
+
+def test_quest_scores_rank_the_chunk_whose_key_bounds_match_the_query():
+    from flashmemory.decode.step import quest_scores
+
+    k = torch.zeros(1, 10, 4)  # 1 KV head, 10 tokens in chunks of 4 (the last one partial)
+    k[0, 5, 2] = 3.0  # chunk 1 holds a key pointing along dim 2
+    k[0, 9, 0] = -3.0  # chunk 2 (partial) along -dim 0
+    q = torch.tensor([[0.0, 0.0, 2.0, 0.0], [-2.0, 0.0, 0.0, 0.0]])  # 2 query heads share it
+    s = quest_scores(q, k, 3, 4)
+    assert s.shape == (3,) and s[1] > s[0] and s[2] > s[0]
+    assert quest_scores(q[:1], k, 3, 4).argmax() == 1

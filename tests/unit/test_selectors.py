@@ -55,6 +55,16 @@ def test_pick_topk_threshold_and_full() -> None:
     assert pick(RecencySelector().scores(r), r, None) == []
 
 
+def test_adaptive_budget_follows_scores_between_floor_and_ceiling() -> None:
+    from dataclasses import replace
+
+    r = replace(req([1, 2, 3, 4, 5, 6], k=4), floor=1)
+    s = torch.tensor([0.1, 0.9, 0.5, 0.8, 0.7, 0.2])
+    assert pick(s, r, 0.6) == [2, 4, 5]  # three above the threshold, under the ceiling of 4
+    assert pick(s, r, 0.3) == [2, 3, 4, 5]  # five above it: the ceiling keeps four
+    assert pick(s, r, 0.95) == [2]  # none above it: the floor keeps the best one
+
+
 def test_random_is_seeded_and_respects_budget() -> None:
     r = req(list(range(1, 19)), k=5)
     a = pick(RandomSelector(0).scores(r), r, None)
