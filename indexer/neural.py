@@ -47,6 +47,8 @@ class NeuralIndexer:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = resolve_indexer(name)
         self.encoder = SentenceTransformer(str(path), device=device)
+        if self.encoder.device.type == "cuda":
+            self.encoder.half()  # fp16 on a GPU: ranking is unchanged, encoding ~2x faster
         self.batch_size = batch_size
         # a trained checkpoint says how it read chunks and which score threshold it calibrated
         self.meta = read_meta(path)
@@ -80,8 +82,10 @@ class NeuralIndexer:
         self.add_embeddings(request_id, *self.encode_chunks(chunk_texts))
 
     def add_embeddings(self, request_id: str, emb: torch.Tensor, owner: torch.Tensor) -> None:
-        """Hold embeddings computed elsewhere (a prefill worker) for a request."""
-        self._chunks[request_id] = (emb, owner)
+        """Hold embeddings computed elsewhere (a prefill worker) for a request, on the encoder's
+        device so that a re-prediction scores them there."""
+        dev = self.encoder.device
+        self._chunks[request_id] = (emb.to(dev), owner.to(dev))
 
     def encode_chunks(self, chunk_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(num_windows, dim) embeddings and the owning chunk index of each window."""
@@ -99,9 +103,12 @@ class NeuralIndexer:
     def chunk_scores(self, request_id: str, query: str) -> torch.Tensor:
         """(num_chunks,) cosine similarity of each chunk's best window to the query."""
         emb, owner = self._chunks[request_id]
-        sims = emb @ self.embed([query])[0]  # (num_windows,)
-        n = int(owner.max()) + 1
-        return torch.full((n,), -1.0).scatter_reduce(0, owner, sims, reduce="amax")
+        q = self.encoder.encode([query], convert_to_tensor=True, normalize_embeddings=True,
+                                show_progress_bar=False)[0].float()
+        sims = emb @ q  # (num_windows,) on the encoder's device
+        n = int(owner[-1]) + 1  # windows are in chunk order
+        best = torch.full((n,), -1.0, device=sims.device)
+        return best.scatter_reduce(0, owner, sims, reduce="amax").cpu()
 
     def scores(self, req: SelectionRequest) -> torch.Tensor | None:
         all_scores = self.chunk_scores(req.request_id, req.query)

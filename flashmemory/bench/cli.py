@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 def add_parser(sub: Any, lengths: Any, csv: Any) -> argparse.ArgumentParser:
     """Register ``bench`` on the main parser; ``lengths``/``csv`` are its argument types."""
     p = sub.add_parser("bench", help="GPU benchmarks: the LSA kernel and whole-model decode")
-    kinds = p.add_subparsers(dest="bench", required=True, metavar="{kernel,decode}")
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="{kernel,decode,indexer}")
 
     k = kinds.add_parser("kernel", help="LSA decode kernel vs SDPA (full and contiguous subset)")
     k.add_argument("--shapes", type=csv, default=["llama3-8b", "smollm2"])
@@ -33,7 +33,14 @@ def add_parser(sub: Any, lengths: Any, csv: Any) -> argparse.ArgumentParser:
     d.add_argument("--lsa-only", action="store_true", help="only the LSA rows")
     d.add_argument("--batches", type=csv, default=["1", "8"])
     d.add_argument("--steps", type=int, default=32, help="timed decode steps per row")
-    for q in (k, d):
+    i = kinds.add_parser("indexer", help="chunk embedding vs prefill throughput; re-prediction")
+    i.add_argument("--indexer", default="minilm", help="minilm or a sentence-transformers dir")
+    i.add_argument("--device", default="cuda")
+    i.add_argument("--chunks", type=int, default=4096)
+    i.add_argument("--shapes", type=csv, default=["smollm2", "llama3-8b"],
+                   help="prefill shapes to compare with ('' for none)")
+    i.add_argument("--prefill-tokens", type=int, default=16384)
+    for q in (k, d, i):
         q.add_argument("--json", type=Path, help="also write the rows to this JSON file")
         q.add_argument("-v", "--verbose", action="store_true")
         q.add_argument("--debug", action="store_true")
@@ -58,6 +65,14 @@ def _ints(values: list[str], name: str) -> list[int]:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     from flashmemory.bench.common import gpu_name, markdown, require_gpu
 
+    if args.bench == "indexer":
+        from flashmemory.bench import indexer
+
+        rows = indexer.run(args.indexer, args.device, args.chunks,
+                           [s for s in args.shapes if s], args.prefill_tokens, argv)
+        print(f"\n## Indexer cost ({gpu_name() if args.device.startswith('cuda') else 'CPU'})\n")
+        print(markdown(rows, indexer.COLUMNS))
+        return 0
     require_gpu()
     rows, columns, title = (_kernel if args.bench == "kernel" else _decode)(args)
     print(f"\n## {title} ({gpu_name()})\n")
