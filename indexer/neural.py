@@ -49,7 +49,8 @@ class NeuralIndexer:
         self.encoder = SentenceTransformer(str(path), device=device)
         if self.encoder.device.type == "cuda":
             self.encoder.half()  # fp16 on a GPU: ranking is unchanged, encoding ~2x faster
-        self.batch_size = batch_size
+        on_gpu = self.encoder.device.type == "cuda"
+        self.batch_size = max(batch_size, 256) if on_gpu else batch_size
         # a trained checkpoint says how it read chunks and which score threshold it calibrated
         self.meta = read_meta(path)
         if self.meta is not None:
@@ -63,13 +64,22 @@ class NeuralIndexer:
 
     def windows(self, text: str) -> list[str]:
         """Split ``text`` into consecutive pieces that each fit the encoder window."""
-        enc = self.encoder.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offs = enc["offset_mapping"]
-        if len(offs) <= self.window_tokens:
-            return [text]
-        step = self.window_tokens
-        return [text[offs[i][0]:offs[min(i + step, len(offs)) - 1][1]]
-                for i in range(0, len(offs), step)]
+        return self.windows_batch([text])[0]
+
+    def windows_batch(self, texts: list[str]) -> list[list[str]]:
+        """``windows`` for many texts with one (parallel, Rust) tokenizer call."""
+        if not texts:
+            return []
+        enc = self.encoder.tokenizer(texts, add_special_tokens=False,
+                                     return_offsets_mapping=True)
+        step, out = self.window_tokens, []
+        for text, offs in zip(texts, enc["offset_mapping"], strict=True):
+            if len(offs) <= step:
+                out.append([text])
+            else:
+                out.append([text[offs[i][0]:offs[min(i + step, len(offs)) - 1][1]]
+                            for i in range(0, len(offs), step)])
+        return out
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         """(n, dim) unit-norm fp32 embeddings."""
@@ -89,10 +99,11 @@ class NeuralIndexer:
 
     def encode_chunks(self, chunk_texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(num_windows, dim) embeddings and the owning chunk index of each window."""
+        views = [(chunk_texts[i - 1][-self.overlap_chars:] if i and self.overlap_chars else "")
+                 + t for i, t in enumerate(chunk_texts)]
         texts, owner = [], []
-        for i, t in enumerate(chunk_texts):
-            prev = chunk_texts[i - 1][-self.overlap_chars:] if i and self.overlap_chars else ""
-            for w in self.windows(prev + t) or [""]:
+        for i, wins in enumerate(self.windows_batch(views)):
+            for w in wins or [""]:
                 texts.append(w)
                 owner.append(i)
         return self.embed(texts), torch.tensor(owner, dtype=torch.long)
