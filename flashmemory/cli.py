@@ -131,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     ev = sub.add_parser("eval", help="run a long-context benchmark over LSA modes")
-    ev.add_argument("--suite", default="ruler-niah", help="benchmark suite (ruler-niah)")
+    ev.add_argument("--suite", default="ruler-niah",
+                    help="ruler-niah, or corpus (documents of --corpus, up to max --lengths)")
+    ev.add_argument("--corpus", type=Path, help="suite corpus: a corpus Parquet file")
+    ev.add_argument("--split", choices=["train", "eval", "all"], default="eval",
+                    help="suite corpus: which split (default: eval, the held-out families)")
     ev.add_argument("--lengths", type=_lengths, default=(4096, 8192), help="e.g. 4096,8k")
     ev.add_argument("--modes", type=_modes, default=MODES, help="e.g. full,lsa,recency")
     ev.add_argument("--samples", type=int, default=5, help="samples per length")
@@ -265,7 +269,8 @@ def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
         ecfg = EvalConfig(out_dir=args.out, suite=args.suite, lengths=args.lengths,
                           modes=args.modes, samples=args.samples, seed=args.seed, lsa=lsa,
                           max_tokens=args.max_tokens, value_kinds=tuple(args.value_kinds),
-                          distractors=args.distractors,
+                          distractors=args.distractors, corpus=args.corpus,
+                          split=None if args.split == "all" else args.split,
                           command=shlex.join([PROG, *argv]))
         cfg = _engine(args, lsa, uses_indexer="lsa" in ecfg.modes)
     except ValueError as exc:

@@ -133,7 +133,7 @@ def dump(llm: Any, docs: list[Document], out_dir: Path, cfg: DumpConfig,
             buffer.clear()
 
     for i, doc in enumerate(tqdm(todo, desc="dump", disable=not progress, unit="doc")):
-        prompt = llm.tokenize(_fit(llm, doc, cfg.max_prompt_tokens), chat=True)
+        prompt = llm.tokenize(fit_prompt(llm, doc, cfg.max_prompt_tokens), chat=True)
         trace = llm.trace(prompt, sampling, lsa, quest_every=cfg.window)
         buffer += label_rows(doc, trace, len(prompt.token_ids), prompt.query,
                              lambda ids: llm.tokenizer.decode(ids, skip_special_tokens=True),
@@ -146,7 +146,7 @@ def dump(llm: Any, docs: list[Document], out_dir: Path, cfg: DumpConfig,
     return written
 
 
-def _fit(llm: Any, doc: Document, max_tokens: int) -> list[dict[str, str]]:
+def fit_prompt(llm: Any, doc: Document, max_tokens: int) -> list[dict[str, str]]:
     """The document's chat prompt, its context cut at the end so the prompt fits."""
     limit = min(max_tokens, llm.max_model_len - 1)
     context = doc.context

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUITES: tuple[str, ...] = ("ruler-niah",)
+SUITES: tuple[str, ...] = ("ruler-niah", "corpus")
 RESULTS_FILE = "results.parquet"
 SUMMARY_FILE = "summary.md"
 QUERY_CHARS = 400  # the question sits at the end of the user turn
@@ -81,6 +81,8 @@ class EvalConfig:
     value_kinds: tuple[str, ...] = VALUE_KINDS
     distractors: int = 3
     command: str = ""  # the invocation, recorded in summary.md
+    corpus: Path | None = None  # suite "corpus": a corpus Parquet (flashmemory.indexer.corpus)
+    split: str | None = "eval"  # ... and which of its splits to run
 
     def __post_init__(self) -> None:
         for name in ("lengths", "modes", "value_kinds"):
@@ -102,6 +104,9 @@ class EvalConfig:
         if kinds or not self.value_kinds:
             raise ValueError(f"value kinds must be some of {', '.join(VALUE_KINDS)}; "
                              f"got {','.join(self.value_kinds)}")
+        if self.suite == "corpus" and (self.corpus is None or not Path(self.corpus).exists()):
+            raise ValueError(f"suite 'corpus' needs --corpus pointing at a corpus Parquet file, "
+                             f"got {self.corpus}")
         if self.distractors < 0:
             raise ValueError(f"distractors must be >= 0, got {self.distractors}")
 
@@ -155,6 +160,8 @@ def run_eval(llm: LLM, cfg: EvalConfig, *, progress: bool = True) -> EvalResult:
 
 def _plan(llm: LLM, cfg: EvalConfig) -> list[tuple[NiahSample, Prompt]]:
     chat = bool(getattr(llm.tokenizer, "chat_template", None))
+    if cfg.suite == "corpus":
+        return _corpus_plan(llm, cfg, chat)
     plan = []
     for length in cfg.lengths:
         samples = generate_niah(llm.tokenizer, length=length, num_samples=cfg.samples,
@@ -170,6 +177,26 @@ def _plan(llm: LLM, cfg: EvalConfig) -> list[tuple[NiahSample, Prompt]]:
     return plan
 
 
+def _corpus_plan(llm: LLM, cfg: EvalConfig, chat: bool) -> list[tuple[NiahSample, Prompt]]:
+    """Corpus documents as samples: context cut to fit max(lengths) minus the answer, scored
+    by string_match_all over the answer's "; "-separated parts."""
+    from flashmemory.indexer.corpus import read_corpus
+    from flashmemory.indexer.labels import fit_prompt
+
+    assert cfg.corpus is not None
+    docs = read_corpus(Path(cfg.corpus), cfg.split)[: cfg.samples]
+    if not docs:
+        raise ValueError(f"{cfg.corpus} has no documents in split {cfg.split!r}")
+    plan = []
+    for doc in docs:
+        msgs = fit_prompt(llm, doc, max(cfg.lengths) - cfg.max_tokens)
+        sample = NiahSample(doc.doc_id, msgs[0]["content"], "", tuple(doc.answer.split("; ")),
+                            doc.family, 0.0, doc.family, max(cfg.lengths), 0, (0, 0))
+        prompt = tokenize_sample(llm, sample, chat)
+        plan.append((replace(sample, num_tokens=len(prompt.token_ids)), prompt))
+    return plan
+
+
 def tokenize_sample(llm: LLM, sample: NiahSample, chat: bool) -> Prompt:
     """Rendered NIAH prompt -> Prompt; chat-template text already holds its special tokens."""
     text = render_prompt(llm.tokenizer, sample.context, sample.answer_prefix,
@@ -179,7 +206,7 @@ def tokenize_sample(llm: LLM, sample: NiahSample, chat: bool) -> Prompt:
     if len(ids) >= llm.max_model_len:
         raise PromptTooLongError(f"{sample.sample_id} has {len(ids)} tokens but the model's "
                                  f"context is {llm.max_model_len} tokens")
-    if len(ids) != sample.num_tokens:
+    if sample.num_tokens and len(ids) != sample.num_tokens:
         logger.warning("%s: %d prompt tokens, generator counted %d", sample.sample_id, len(ids),
                        sample.num_tokens)
     offsets = [(int(a), int(b)) for a, b in enc["offset_mapping"]]

@@ -155,3 +155,20 @@ def test_summary_math_without_model() -> None:
     assert "| 1024 | lsa | 2 | 50.0 | -50.0 | 25.0 |" in table
     no_full = format_table(summarize([r for r in rows if r["mode"] == "lsa"]))
     assert "Δ vs full" not in no_full
+
+
+def test_corpus_suite_scores_documents_of_one_split(llm: LLM, tmp_path: Path) -> None:
+    from flashmemory.indexer import corpus
+
+    docs = list(corpus.synthetic(["retrieve", "multihop"], 2, 1500, seed=4))
+    path = corpus.write_corpus(docs, tmp_path / "c.parquet")
+    cfg = EvalConfig(out_dir=tmp_path / "out", suite="corpus", corpus=path, split="eval",
+                     lengths=(512,), modes=("full", "recency"), samples=5, max_tokens=16,
+                     lsa=LSAConfig(budget=0.2, chunk_size=32, recent_tokens=32))
+    result = run_eval(llm, cfg, progress=False)
+    assert {r["sample_id"] for r in result.rows} == {d.doc_id for d in docs if d.split == "eval"}
+    assert len(result.rows) == 4 and all(0.0 <= r["score"] <= 1.0 for r in result.rows)
+    assert all(r["prompt_tokens"] <= 512 - 16 and r["value_kind"] == "multihop"
+               for r in result.rows)
+    with pytest.raises(ValueError, match="corpus"):
+        EvalConfig(out_dir=tmp_path, suite="corpus")
