@@ -45,6 +45,8 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=3e-5)
     t.add_argument("--max-rows", type=int)
+    t.add_argument("--top-p", type=float, help="re-derive positives: share of the window's mass")
+    t.add_argument("--max-positives", type=int, help="re-derive positives: at most this many")
     t.add_argument("--device", default=None)
 
     e = steps.add_parser("evaluate", help="selection recall of indexers against a label dump")
@@ -101,7 +103,8 @@ def _train(args: argparse.Namespace) -> int:
     from flashmemory.indexer.train import TrainConfig, train
 
     cfg = TrainConfig(base=args.base, epochs=args.epochs, batch_size=args.batch_size,
-                      learning_rate=args.lr, max_rows=args.max_rows)
+                      learning_rate=args.lr, max_rows=args.max_rows, top_p=args.top_p,
+                      max_positives=args.max_positives)
     meta = train(args.labels, args.out, cfg, args.device)
     print(json.dumps(meta, indent=1))
     return 0

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "flashmemory-indexer"
@@ -38,6 +40,10 @@ class TrainConfig:
     target_recall: float = 0.9  # calibration: share of held-out positives above the threshold
     overlap_chars: int = 120  # as NeuralIndexer: each chunk is read with its predecessor's tail
     logging_steps: int = 10
+    # re-derive each row's positives from its mass (top_p, at most max_positives) instead of the
+    # dump's labels: sharper positives without re-running the backbone
+    top_p: float | None = None
+    max_positives: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,12 +68,24 @@ def chunk_view(texts: list[str], i: int, overlap: int) -> str:
     return (texts[i - 1][-overlap:] if i and overlap else "") + texts[i]
 
 
+def positives(row: dict[str, Any], cfg: TrainConfig) -> set[int]:
+    """The row's positive chunks: the dump's label, or re-derived from its mass (cfg.top_p /
+    cfg.max_positives)."""
+    from flashmemory.indexer.labels import top_p_positives
+
+    if cfg.top_p is None and cfg.max_positives is None:
+        return set(row["positives"])
+    idx = top_p_positives(torch.tensor(row["mass"]), cfg.top_p or 1.0,
+                          cfg.max_positives or len(row["candidates"]))
+    return {row["candidates"][i] for i in idx}
+
+
 def triples(rows: list[dict[str, Any]], cfg: TrainConfig) -> list[tuple[str, str, str]]:
     """(query, positive, hard negative) for every positive of every row that has one."""
     rng = random.Random(cfg.seed)
     out = []
     for r in rows:
-        pos = set(r["positives"])
+        pos = positives(r, cfg)
         if not pos:
             continue
         ranked = sorted(zip(r["candidates"], r["mass"], strict=True), key=lambda cm: cm[1])
@@ -87,13 +105,13 @@ def calibrate(model: Any, rows: list[dict[str, Any]], cfg: TrainConfig) -> tuple
     it also keeps (the price of that recall)."""
     pos_s, neg_s = [], []
     for r in rows:
-        if not r["positives"]:
+        pos = positives(r, cfg)
+        if not pos:
             continue
         views = [chunk_view(r["chunk_texts"], c, cfg.overlap_chars) for c in r["candidates"]]
         emb = model.encode([r["query"], *views], convert_to_tensor=True,
                            normalize_embeddings=True, show_progress_bar=False)
         sims = (emb[1:] @ emb[0]).tolist()
-        pos = set(r["positives"])
         for c, s in zip(r["candidates"], sims, strict=True):
             (pos_s if c in pos else neg_s).append(s)
     if not pos_s:
@@ -106,7 +124,6 @@ def calibrate(model: Any, rows: list[dict[str, Any]], cfg: TrainConfig) -> tuple
 
 def train(labels: Path, out_dir: Path, cfg: TrainConfig, device: str | None = None) -> dict:
     """Fine-tune, calibrate and save; returns the metadata written next to the weights."""
-    import torch
     from datasets import Dataset
     from sentence_transformers import (
         SentenceTransformer,

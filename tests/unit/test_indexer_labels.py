@@ -109,3 +109,15 @@ def test_quest_scores_rank_the_chunk_whose_key_bounds_match_the_query():
     s = quest_scores(q, k, 3, 4)
     assert s.shape == (3,) and s[1] > s[0] and s[2] > s[0]
     assert quest_scores(q[:1], k, 3, 4).argmax() == 1
+
+
+def test_training_can_rederive_sharper_positives_from_the_mass():
+    from flashmemory.indexer.train import positives
+
+    row = dict(query="q", chunk_texts=["a", "b", "c", "d", "e"], candidates=[1, 2, 3, 4],
+               mass=[1.0, 6.0, 2.0, 1.0], positives=[1, 2, 3, 4])
+    assert positives(row, TrainConfig()) == {1, 2, 3, 4}  # the dump's label
+    assert positives(row, TrainConfig(max_positives=1)) == {2}
+    assert positives(row, TrainConfig(top_p=0.7)) == {2, 3}
+    got = triples([row], TrainConfig(max_positives=1, overlap_chars=0))
+    assert {t[1] for t in got} == {"c"}
