@@ -13,7 +13,8 @@ flashmemory indexer build-corpus --out "$out/heldout.parquet" --families multiho
   --per-family "$n" --chars 7000 --seed 2
 flashmemory indexer dump --corpus "$out/corpus.parquet" --out "$out/labels" --steps 64
 flashmemory indexer dump --corpus "$out/heldout.parquet" --out "$out/labels" --steps 64
-flashmemory indexer train --labels "$out/labels" --out "$out/indexer" --epochs 2
+flashmemory indexer train --labels "$out/labels" --out "$out/indexer" --epochs 2 \
+  --max-positives 3 --top-p 0.5
 flashmemory indexer evaluate --labels "$out/labels" --split eval \
   --indexers minilm,"$out/indexer" --json "$out/eval-heldout.json"
 flashmemory indexer evaluate --labels "$out/labels" --split train \
