@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from flashmemory.config import Attention
+from flashmemory.config import ATTENTIONS, Attention
 from flashmemory.decode.chunk_pool import ChunkPool
-from flashmemory.decode.step import AttentionRecorder, decode_step
+from flashmemory.decode.step import AttentionRecorder, build_slot, decode_step
 from flashmemory.kernels.fused import store_kv
-from flashmemory.kernels.lsa_decode import block_size, default_splits, lsa_decode
+from flashmemory.kernels.lsa_decode import lsa_decode
 from flashmemory.model.llama import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -66,14 +66,15 @@ class StepInputs:
 class PagedBackend:
     """AttentionBackend: writes the new K/V into its page slot, then runs the LSA kernel."""
 
-    def __init__(self, pool: ChunkPool, inputs: StepInputs, num_splits: int) -> None:
-        self.pool, self.inputs, self.num_splits = pool, inputs, num_splits
+    def __init__(self, pool: ChunkPool, inputs: StepInputs) -> None:
+        self.pool, self.inputs = pool, inputs
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         x = self.inputs
         kv = self.pool.kv[:, layer]  # (P, 2, Hkv, C, D) a view: pages are read in place
         store_kv(kv, k, v, x.write_pages, x.write_slots)  # one launch for K and V
-        return lsa_decode(q, kv, x.table, x.seq_lens, num_splits=self.num_splits)
+        # splits follow from (batch, table width), both fixed for a captured graph
+        return lsa_decode(q, kv, x.table, x.seq_lens)
 
 
 class _Graph:
@@ -87,7 +88,7 @@ class _Graph:
         self.host = StepInputs.empty(batch, width, "cpu", pin=True)  # staging for async copies
         self.copied = torch.cuda.Event()
         self.copied.record()
-        backend = PagedBackend(runner.pool, self.inputs, runner.splits_for(batch, width))
+        backend = PagedBackend(runner.pool, self.inputs)
         model, x = runner.model, self.inputs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -109,8 +110,7 @@ class _Graph:
         self.copied.synchronize()
         self.host.fill(step)
         self.host.pad(b, self.scratch)
-        for dst, src in zip(self.inputs.tensors(), self.host.tensors(), strict=True):
-            dst.copy_(src, non_blocking=True)
+        self.inputs.fill(self.host)
         self.copied.record()
         self.graph.replay()
         return self.logits[:b].clone()
@@ -121,8 +121,8 @@ class DecodeRunner:
 
     def __init__(self, model: CausalLM, pool: ChunkPool, attention: Attention = "auto",
                  cuda_graphs: bool = True) -> None:
-        if attention not in ("auto", "torch", "triton"):
-            raise ValueError(f"unknown attention {attention!r}; choose auto, torch or triton")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {attention!r}; choose {', '.join(ATTENTIONS)}")
         self.model, self.pool = model, pool
         self.device = pool.kv.device
         if attention == "auto":  # the kernel reads 16-token blocks: smaller chunks use torch
@@ -134,14 +134,6 @@ class DecodeRunner:
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.scratch: int | None = None  # page that padding rows of a graph write into
         self.replays = 0
-
-    def splits_for(self, batch: int, width: int) -> int:
-        hkv = self.model.config.num_kv_heads
-        c = self.pool.chunk_size
-        blocks = -(-width * c // block_size(c))
-        sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
-               if self.device.type == "cuda" else 132)
-        return default_splits(batch, hkv, blocks, sms)
 
     @torch.no_grad()
     def step(self, batch: list[tuple[str, int]],
@@ -157,9 +149,8 @@ class DecodeRunner:
             logits = graph.run(step)
             self.replays += 1
         else:
-            dev = self._to_device(step)
-            width = dev.table.shape[1]
-            backend = PagedBackend(self.pool, dev, self.splits_for(len(batch), width))
+            dev = StepInputs(*(t.to(self.device, non_blocking=True) for t in step.tensors()))
+            backend = PagedBackend(self.pool, dev)
             logits = self.model.logits(self.model(dev.ids, dev.positions, backend))
         # 3. the new tokens are now part of each sequence
         for rid, _ in batch:
@@ -167,30 +158,17 @@ class DecodeRunner:
         return logits
 
     def _plan(self, batch: list[tuple[str, int]]) -> StepInputs:
-        pool, c = self.pool, self.pool.chunk_size
-        rows, pages, slots, lens, pos = [], [], [], [], []
-        for rid, _ in batch:
-            page, slot = pool.ensure_slot(rid)
-            table = pool.tables[rid]
-            chunks = sorted(table.pages)
-            rows.append([table.pages[i] for i in chunks])
-            pages.append(page)
-            slots.append(slot)
-            lens.append((len(chunks) - 1) * c + slot + 1)
-            pos.append(table.num_tokens)
-        width = _bucket(max(len(r) for r in rows), 16)
+        """Host tensors of one step; the page table is padded to a power-of-two width."""
+        slots = [build_slot(self.pool, rid) for rid, _ in batch]
+        width = _bucket(max(len(s.pages) for s in slots), 16)
         tab = torch.zeros((len(batch), width), dtype=torch.int32)
-        for i, r in enumerate(rows):
-            tab[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
-        ids = torch.tensor([t for _, t in batch], dtype=torch.int64)
-        step = StepInputs(ids, torch.tensor(pos), torch.tensor(pages), torch.tensor(slots), tab,
-                          torch.tensor(lens, dtype=torch.int32))
-        return step
-
-    def _to_device(self, step: StepInputs) -> StepInputs:
-        return StepInputs(*(t.to(self.device, non_blocking=True) for t in (
-            step.ids, step.positions, step.write_pages, step.write_slots, step.table,
-            step.seq_lens)))
+        for i, s in enumerate(slots):
+            tab[i, : len(s.pages)] = torch.tensor(s.pages, dtype=torch.int32)
+        return StepInputs(
+            torch.tensor([t for _, t in batch], dtype=torch.int64),
+            torch.tensor([self.pool.tables[rid].num_tokens for rid, _ in batch]),
+            torch.tensor([s.page for s in slots]), torch.tensor([s.slot for s in slots]), tab,
+            torch.tensor([s.num_valid for s in slots], dtype=torch.int32))
 
     def _graph_for(self, batch: int, width: int) -> _Graph | None:
         bb = next((b for b in BATCH_BUCKETS if b >= batch), None)

@@ -22,8 +22,8 @@ class DecodeSlot:
     request_id: str
     page: int  # page receiving the new token's K/V
     slot: int  # position inside that page
-    pages: torch.Tensor  # (n,) int64 resident pages in chunk order; the last one is ``page``
-    chunks: torch.Tensor  # (n,) int64 chunk index of each page
+    pages: list[int]  # resident pages in chunk order; the last one is ``page``
+    chunks: list[int]  # chunk index of each page
     num_valid: int  # valid tokens in the gathered pages, including the new one
 
 
@@ -135,22 +135,18 @@ class DecodeBackend:
         per_chunk = padded.view(hq, n, c).sum(2)  # (Hq, n) mass of each head on each chunk
         quest = (quest_scores(q[0, :, 0], k, n, c) if self.recorder.wants_quest(s.request_id)
                  else None)
-        self.recorder.add(s.request_id, s.chunks, per_chunk.max(0).values, quest)
+        self.recorder.add(s.request_id, torch.tensor(s.chunks), per_chunk.max(0).values, quest)
 
 
 def build_slot(pool: ChunkPool, request_id: str) -> DecodeSlot:
-    """Reserve the next token's slot and list the request's resident pages in chunk order."""
+    """Reserve the next token's slot and list the request's resident pages in chunk order
+    (host-side lists: the torch path and the Triton path's page table both start here)."""
     page, slot = pool.ensure_slot(request_id)
     table = pool.tables[request_id]
     chunks = sorted(table.pages)
     assert chunks[-1] * pool.chunk_size + slot == table.num_tokens, "open page must be last"
-    dev = pool.kv.device
     valid = (len(chunks) - 1) * pool.chunk_size + slot + 1
-    return DecodeSlot(
-        request_id, page, slot,
-        torch.tensor([table.pages[c] for c in chunks], device=dev),
-        torch.tensor(chunks, device=dev), valid,
-    )
+    return DecodeSlot(request_id, page, slot, [table.pages[c] for c in chunks], chunks, valid)
 
 
 @torch.no_grad()

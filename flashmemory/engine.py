@@ -103,12 +103,9 @@ class LLM:
         try:
             first = self._prefill(store_id, prompt, lsa.chunk_size, embed=False)
             texts = self.store.chunk_texts(store_id)
-            seq = self._new_seq(store_id, prompt, sampling, replace(lsa, mode="full"), start,
-                                None)
-            recorder = AttentionRecorder(self.model.config.num_layers, quest_every)
-            out = self._decode([seq], {store_id: first}, recorder)[0]
-            return Trace(out, recorder.steps.get(seq.rid, []), texts,
-                         recorder.quest.get(seq.rid, {}))
+            out, steps, quest = self._record_full(store_id, prompt, sampling, lsa, first, start,
+                                                  quest_every)
+            return Trace(out, steps, texts, quest)
         finally:
             self._release(store_id)
 
@@ -172,11 +169,20 @@ class LLM:
                        configs: list[LSAConfig], first: torch.Tensor,
                        start: float) -> dict[str, list[torch.Tensor]]:
         """Full-attention run recording per-chunk attention mass at every step."""
-        full = replace(next(c for c in configs if c.mode == "oracle"), mode="full")
-        seq = self._new_seq(store_id, prompt, sampling, full, start, None)
-        recorder = AttentionRecorder(self.model.config.num_layers)
-        self._decode([seq], {store_id: first}, recorder)
-        return {store_id: recorder.steps.get(seq.rid, [])}
+        oracle = next(c for c in configs if c.mode == "oracle")
+        _, steps, _ = self._record_full(store_id, prompt, sampling, oracle, first, start)
+        return {store_id: steps}
+
+    def _record_full(self, store_id: str, prompt: Prompt, sampling: SamplingParams,
+                     lsa: LSAConfig, first: torch.Tensor, start: float,
+                     quest_every: int | None = None,
+                     ) -> tuple[RequestOutput, list[torch.Tensor], dict[int, torch.Tensor]]:
+        """Decode a prefilled prompt with full attention, recording per-step chunk mass (and
+        Quest-style scores every ``quest_every`` steps)."""
+        seq = self._new_seq(store_id, prompt, sampling, replace(lsa, mode="full"), start, None)
+        recorder = AttentionRecorder(self.model.config.num_layers, quest_every)
+        out = self._decode([seq], {store_id: first}, recorder)[0]
+        return out, recorder.steps.get(seq.rid, []), recorder.quest.get(seq.rid, {})
 
     def _decode(self, seqs: list[Sequence], firsts: dict[str, torch.Tensor],
                 recorder: AttentionRecorder | None = None) -> list[RequestOutput]:

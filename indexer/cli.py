@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.text_dir:
         docs += list(corpus.text_documents(args.text_dir, args.text_docs, args.chars, args.seed))
     corpus.write_corpus(docs, args.out)
-    fams: dict[str, int] = {}
-    for doc in docs:
-        fams[f"{doc.family} ({doc.split})"] = fams.get(f"{doc.family} ({doc.split})", 0) + 1
+    fams = Counter(f"{doc.family} ({doc.split})" for doc in docs)
     print(f"wrote {len(docs)} documents to {args.out}: "
           + ", ".join(f"{k}: {v}" for k, v in sorted(fams.items())))
     return 0

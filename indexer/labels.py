@@ -76,6 +76,7 @@ def label_rows(doc: Document, trace: Any, num_prompt_tokens: int, query_base: st
     """One row per full or partial window of a ``Trace`` (see the module docstring)."""
     steps, chunk_texts, output_ids = trace.steps, trace.chunk_texts, trace.output.token_ids
     n = len(chunk_texts)
+    output = decode(output_ids)
     rows = []
     for w, s0 in enumerate(range(0, len(steps), cfg.window)):
         window = steps[s0:s0 + cfg.window]
@@ -95,7 +96,7 @@ def label_rows(doc: Document, trace: Any, num_prompt_tokens: int, query_base: st
             query=f"{query_base} {recent}" if recent else query_base,
             chunk_texts=chunk_texts, candidates=cands, mass=cand_mass.tolist(), positives=pos,
             quest=None if quest is None else quest[cands].tolist(),
-            answer=doc.answer, output=decode(output_ids)))
+            answer=doc.answer, output=output))
     return rows
 
 
