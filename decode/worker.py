@@ -55,6 +55,7 @@ class DecodeWorker:
         self._aio: asyncio.AbstractEventLoop | None = None
         self.bytes_received = 0
         self.metrics = Metrics({"worker": f"decode-{index}"})
+        self.metrics.process_gauges(e.device)
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
 
@@ -123,6 +124,7 @@ class DecodeWorker:
               sum(pool.tables[s.rid].num_tokens for s in self.loop.active) * per_token)
         m.set("flashmemory_chunk_pool_pages_used", pool.pages_in_use())
         m.set("flashmemory_chunk_pool_pages_total", pool.num_pages)
+        m.process_gauges(self.cfg.engine.device)
 
     def _drain_inbox(self, block: bool) -> None:
         while True:
@@ -195,5 +197,8 @@ class DecodeWorker:
         self.metrics.inc("flashmemory_transfer_bytes_total", payload.nbytes, **route)
         self.metrics.observe("flashmemory_transfer_seconds", time.perf_counter() - t0, **route)
         self.metrics.observe("flashmemory_transfer_payload_bytes", payload.nbytes, **route)
+        # the first selection loads the working set; later fetches are misses of the resident set
+        self.metrics.inc("flashmemory_chunks_fetched_total", len(chunk_ids),
+                         reason="admission" if s.steps == 0 else "reprediction")
         self.bytes_received += payload.nbytes
         return payload

@@ -112,7 +112,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Lookahead Sparse Attention inference.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,eval,serve,bench,indexer}")
+                                metavar="{generate,eval,serve,bench,indexer,loadtest,dashboards}")
     gen = sub.add_parser("generate", help="answer one prompt")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-file", help="file holding the prompt ('-' = stdin)")
@@ -161,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     from flashmemory.indexer import cli as indexer_cli
 
     indexer_cli.add_parser(sub, _csv, _common)
+    from flashmemory.loadtest import cli as loadtest_cli
+
+    loadtest_cli.add_parser(sub)
+    dash = sub.add_parser("dashboards", help="write the Grafana dashboards and their ConfigMap")
+    dash.add_argument("--out", type=Path, default=Path("k8s"), help="directory (default k8s)")
+    dash.add_argument("--check", action="store_true",
+                      help="write nothing; exit 1 if the files under --out differ")
+    dash.add_argument("--query", metavar="PROMETHEUS_URL",
+                      help="write nothing; print every panel's current values from this server")
+    dash.add_argument("--rate-window", default="5m", help="with --query: $__rate_interval")
+    dash.add_argument("--debug", action="store_true", help="show tracebacks")
+    dash.set_defaults(func=_cmd_dashboards)
     return parser
 
 
@@ -289,6 +301,26 @@ def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     result = run_eval(backend, ecfg)
     print(result.table)
     print(f"\nresults: {result.results_path}\nsummary: {result.summary_path}")
+    return 0
+
+
+def _cmd_dashboards(args: argparse.Namespace, argv: list[str]) -> int:
+    from flashmemory.cluster import dashboards
+
+    if args.query:
+        print("| dashboard | panel | series | value | unit |\n|---|---|---|---:|---|")
+        for r in dashboards.snapshot(args.query, args.rate_window):
+            print(f"| {r['dashboard']} | {r['panel']} | {r['legend']} | {r['value']} | "
+                  f"{r['unit']} |")
+        return 0
+    if args.check:
+        stale = [rel for rel, text in dashboards.files().items()
+                 if not (args.out / rel).exists() or (args.out / rel).read_text() != text]
+        for rel in stale:
+            print(f"stale: {args.out / rel}")
+        return 1 if stale else 0
+    for path in dashboards.write(args.out):
+        print(path)
     return 0
 
 

@@ -27,6 +27,10 @@ class IndexerActor:
         self._load = [0] * cfg.num_decode  # active requests per decode worker
         self._routes: dict[str, int] = {}
         self.repredictions = 0
+        from flashmemory.cluster.metrics import Metrics
+
+        self.metrics = Metrics({"worker": "indexer"})
+        self.metrics.process_gauges("cpu")  # the indexer embeds on the CPU
 
     @property
     def neural(self) -> Any:
@@ -39,6 +43,7 @@ class IndexerActor:
     def register(self, request_id: str, emb: torch.Tensor, owner: torch.Tensor) -> None:
         """Chunk-window embeddings computed by a prefill worker."""
         self.neural.add_embeddings(request_id, emb, owner)
+        self.metrics.process_gauges("cpu")
 
     def route(self, request_id: str) -> int:
         """Pick the least-loaded decode worker for a new request."""

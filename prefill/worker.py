@@ -38,6 +38,7 @@ class PrefillWorker:
         self._encoder: Any = None
         self.bytes_sent = 0
         self.metrics = Metrics({"worker": f"prefill-{rank}"})
+        self.metrics.process_gauges(e.device)
 
     # -- set-up -------------------------------------------------------------------------------
     def rendezvous(self) -> str:
@@ -71,7 +72,7 @@ class PrefillWorker:
             self.store.free(task.request_id)
             raise
         payload_bytes = self.store.read(task.request_id, [0]).nbytes
-        self.metrics.set("flashmemory_chunk_store_bytes", self.store.nbytes())
+        self._gauges()
         return PrefillReply(task.request_id, self.rank, first, len(res.metas), payload_bytes,
                             time.perf_counter() - t0)
 
@@ -98,7 +99,11 @@ class PrefillWorker:
 
     def free(self, request_id: str) -> None:
         self.store.free(request_id)
+        self._gauges()
+
+    def _gauges(self) -> None:
         self.metrics.set("flashmemory_chunk_store_bytes", self.store.nbytes())
+        self.metrics.process_gauges(self.cfg.engine.device)
 
     def stats(self) -> dict[str, int]:
         return {"requests": len(self.store.requests()), "store_bytes": self.store.nbytes(),
