@@ -98,7 +98,8 @@ LSA = Dashboard("flashmemory-lsa", "FlashMemory / Lookahead Sparse Attention",
         ("full {{worker}}", f"sum by (worker) ({m('flashmemory_kv_full_bytes')}{{{WORKER}}})")],
         "bytes", "What the running requests hold, and what full attention would hold."),
     Panel("Chunks selected per re-prediction", [
-        ("mean", mean("flashmemory_chunks_selected", match=WORKER)),
+        ("mean", f"sum (rate({m('flashmemory_chunks_selected_total')}{{{WORKER}}}[{RATE}])) / "
+                 f"sum (rate({m('flashmemory_repredictions_total')}{{{WORKER}}}[{RATE}]))"),
         *quantiles("flashmemory_chunks_selected", match=WORKER)[1:]], "short"),
     Panel("Re-prediction rate", [
         ("{{worker}}", f"sum by (worker) "
@@ -190,25 +191,48 @@ def concrete(expr: str, rate: str = "5m", range_: str = "10m") -> str:
     return re.sub(r"\$\{?worker\}?", ".*", expr)
 
 
-def snapshot(prometheus: str, rate: str = "5m", range_: str = "10m") -> list[dict[str, Any]]:
-    """Evaluate every panel target now against a Prometheus server: what Grafana would show.
-    One row per returned series: dashboard, panel, legend (labels filled in), value."""
+def _query(prometheus: str, expr: str) -> dict[str, str]:
+    """Legend-free {label set: value} of an instant query."""
     import httpx
 
+    r = httpx.get(f"{prometheus.rstrip('/')}/api/v1/query", params={"query": expr}, timeout=30)
+    r.raise_for_status()
+    return {json.dumps(s["metric"], sort_keys=True): s["value"][1]
+            for s in r.json()["data"]["result"]}
+
+
+def snapshot(prometheus: str, rate: str = "5m", range_: str = "10m") -> list[dict[str, Any]]:
+    """Evaluate every panel target against a Prometheus server: its value now (what Grafana's
+    last point shows) and its peak over ``range_`` (the top of the panel's curve). One row per
+    returned series: dashboard, panel, legend (labels filled in), value, peak."""
     rows = []
     for d in DASHBOARDS:
         for p in d.panels:
             for legend, expr in p.targets:
-                r = httpx.get(f"{prometheus.rstrip('/')}/api/v1/query",
-                              params={"query": concrete(expr, rate, range_)}, timeout=30)
-                r.raise_for_status()
-                result = r.json()["data"]["result"] or [{"metric": {}, "value": [0, "no data"]}]
-                for series in result:
-                    name = re.sub(r"\{\{(\w+)\}\}",
-                                  lambda g, lab=series["metric"]: lab.get(g.group(1), ""), legend)
+                q = concrete(expr, rate, range_)
+                now = _query(prometheus, q)
+                peak = _query(prometheus, f"max_over_time(({q})[{range_}:5s])")
+                for key in sorted(now.keys() | peak.keys()) or ["{}"]:
+                    labels = json.loads(key)
+                    name = re.sub(r"\{\{(\w+)\}\}", lambda g, lab=labels: lab.get(g.group(1), ""),
+                                  legend)
                     rows.append({"dashboard": d.title, "panel": p.title, "legend": name,
-                                 "unit": p.unit, "value": series["value"][1]})
+                                 "unit": p.unit, "value": now.get(key, "no data"),
+                                 "peak": peak.get(key, "no data")})
     return rows
+
+
+def format_snapshot(rows: list[dict[str, Any]]) -> str:
+    def num(v: str) -> str:
+        try:
+            return f"{float(v):.4g}"
+        except ValueError:
+            return v
+
+    lines = ["| dashboard | panel | series | now | peak | unit |", "|---|---|---|---:|---:|---|"]
+    lines += [f"| {r['dashboard']} | {r['panel']} | {r['legend']} | {num(r['value'])} | "
+              f"{num(r['peak'])} | {r['unit']} |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 PROVIDER = {"apiVersion": 1, "providers": [{

@@ -17,7 +17,9 @@ import psutil
 import torch
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160]
-RATIO_BUCKETS = [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0]
+# Ray rebuilds histogram observations from bucket midpoints, so a histogram's _sum (and a mean
+# taken from it) is only as exact as its buckets: footprints get 1-point buckets where LSA runs
+RATIO_BUCKETS = [k / 100 for k in range(1, 31)] + [0.35, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0]
 BYTES_BUCKETS = [2.0**k for k in range(16, 38, 2)]
 _START_TIME = time.time()  # this process's start, as far as metrics are concerned
 GAUGE_REFRESH_S = 4.0  # Ray's default export interval is 10 s; its gauge TTL two intervals
@@ -60,6 +62,9 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "flashmemory_transfer_payload_bytes": (
         "histogram", "Bytes of one chunk transfer", ("src", "dst"), BYTES_BUCKETS),
     "flashmemory_repredictions_total": ("counter", "Re-predictions", ("worker",), None),
+    "flashmemory_chunks_selected_total": (
+        "counter", "Chunks selected, summed over re-predictions (exact mean with "
+        "repredictions_total)", ("worker",), None),
     "flashmemory_chunk_pool_pages_used": (
         "gauge", "Pages in use in a decode worker's chunk pool", ("worker",), None),
     "flashmemory_chunk_pool_pages_total": (

@@ -179,9 +179,18 @@ class DecodeRunner:
         if self.graphs and next(iter(self.graphs.values())).kv_ptr != self.pool.kv.data_ptr():
             logger.info("chunk pool grew: re-capturing decode graphs")
             self.graphs.clear()  # the pool was reallocated; old graphs point at freed memory
+            # the old graphs' private memory pool died with them: torch refuses to capture into
+            # a pool id whose use count fell to zero, so new graphs get a new pool
+            self.graph_pool = torch.cuda.graph_pool_handle()
         key = (bb, width)
         if key not in self.graphs:
-            self.graphs[key] = _Graph(self, bb, width, self.scratch)
+            try:
+                self.graphs[key] = _Graph(self, bb, width, self.scratch)
+            except Exception:  # a capture that fails must not fail every later step
+                logger.exception("CUDA graph capture failed: decoding eagerly from now on")
+                self.use_graphs = False
+                self.graphs.clear()
+                return None
         return self.graphs[key]
 
 

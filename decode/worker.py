@@ -177,6 +177,7 @@ class DecodeWorker:
         target, chosen = ray.get(self.indexer.plan.remote(s.store_id, s.lsa, state))
         self.metrics.observe("flashmemory_chunks_selected", chosen)
         self.metrics.inc("flashmemory_repredictions_total")
+        self.metrics.inc("flashmemory_chunks_selected_total", chosen)
         return target, chosen
 
     def _fetch(self, s: Sequence, chunk_ids: list[int],

@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--query", metavar="PROMETHEUS_URL",
                       help="write nothing; print every panel's current values from this server")
     dash.add_argument("--rate-window", default="5m", help="with --query: $__rate_interval")
+    dash.add_argument("--range", default="10m", help="with --query: $__range, and the span "
+                                                     "of the peak column")
     dash.add_argument("--debug", action="store_true", help="show tracebacks")
     dash.set_defaults(func=_cmd_dashboards)
     return parser
@@ -308,10 +310,8 @@ def _cmd_dashboards(args: argparse.Namespace, argv: list[str]) -> int:
     from flashmemory.cluster import dashboards
 
     if args.query:
-        print("| dashboard | panel | series | value | unit |\n|---|---|---|---:|---|")
-        for r in dashboards.snapshot(args.query, args.rate_window):
-            print(f"| {r['dashboard']} | {r['panel']} | {r['legend']} | {r['value']} | "
-                  f"{r['unit']} |")
+        print(dashboards.format_snapshot(dashboards.snapshot(args.query, args.rate_window,
+                                                             args.range)), end="")
         return 0
     if args.check:
         stale = [rel for rel, text in dashboards.files().items()

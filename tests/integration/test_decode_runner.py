@@ -77,6 +77,12 @@ def test_graphs_are_replayed_and_recaptured_after_pool_growth(tiny):
     runner.step([("r0", 2)])
     assert runner.replays == 2 and all(g.kv_ptr == pool.kv.data_ptr()
                                        for g in runner.graphs.values())
+    # again, with the graphs of the first re-capture dropped in turn (a served decode worker's
+    # pool grows many times; each re-capture needs a live graph memory pool)
+    for token in (3, 4):
+        pool.alloc(pool.num_pages)
+        runner.step([("r0", token)])
+    assert runner.use_graphs and runner.replays == 4
 
 
 class _Dense:

@@ -335,6 +335,16 @@ def test_one_image_and_ray_version_everywhere() -> None:
     assert len(images) == 1, images
 
 
+def test_image_copies_every_package_folder() -> None:
+    """pip install . inside the image needs every folder pyproject maps a package onto."""
+    import tomllib
+
+    dirs = set(tomllib.loads(Path("pyproject.toml").read_text())["tool"]["setuptools"]
+               ["package-dir"].values())
+    copied = set(re.findall(r"^COPY \S+ (\S+) \1$", (K8S / "Dockerfile").read_text(), re.M))
+    assert dirs <= copied, sorted(dirs - copied)
+
+
 # -- Prometheus ---------------------------------------------------------------------------------
 def test_podmonitor_and_scrape_config_find_every_ray_pod() -> None:
     pm = find("PodMonitor", "podmonitor.yaml")["spec"]
