@@ -28,6 +28,10 @@ class ClusterConfig:
     transport: Transport = "auto"  # auto: torch p2p (gloo/NCCL) unless workers share a GPU
     transfer_timeout_s: float = 60.0
     max_batch: int = 32  # sequences per decode step
+    # HTTP limits of the Serve ingress (a 1M-token prompt is ~4 MB of text)
+    max_request_bytes: int = 32 << 20
+    request_read_timeout_s: float = 30.0  # the whole body must arrive within this
+    max_stop_sequences: int = 16
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -37,6 +41,10 @@ class ClusterConfig:
             raise ValueError("num_prefill and num_decode must be >= 1")
         if self.max_batch < 1 or self.transfer_timeout_s <= 0:
             raise ValueError("max_batch must be >= 1 and transfer_timeout_s > 0")
+        if (self.max_request_bytes < 1024 or self.request_read_timeout_s <= 0
+                or self.max_stop_sequences < 0):
+            raise ValueError("max_request_bytes >= 1024, request_read_timeout_s > 0 and "
+                             "max_stop_sequences >= 0 required")
         if self.engine.lsa.mode == "oracle":
             raise ValueError("the oracle mode needs a full-attention trace; it is an evaluation "
                              "mode of the single-process engine, not of the cluster")

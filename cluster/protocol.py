@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class ChatMessage(_Lenient):
@@ -29,12 +29,13 @@ class _Common(_Lenient):
     top_p: float = 1.0
     top_k: int = -1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     n: int = 1
     stream: bool = False
     ignore_eos: bool = False
     # LSA extensions
-    kv_budget: float | None = Field(default=None, description="fraction of prompt chunks kept")
+    kv_budget: float | None = Field(default=None, gt=0, le=1,
+                                    description="fraction of prompt chunks kept, in (0, 1]")
     lsa_mode: Literal["full", "lsa", "recency", "random"] | None = None
 
 

@@ -8,8 +8,11 @@ The ingress replica starts the workers (one replica per cluster).
 """
 
 
+import asyncio
+import hmac
 import json
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -33,6 +36,7 @@ from flashmemory.config import SamplingParams
 from flashmemory.types import Prompt, PromptTooLongError, tokenize_prompt
 
 logger = logging.getLogger(__name__)
+API_KEY_ENV = "FLASHMEMORY_API_KEY"  # when set, /v1/* needs "Authorization: Bearer <key>"
 app = FastAPI(title="FlashMemory", description="OpenAI-compatible LSA serving")
 
 
@@ -46,6 +50,12 @@ class BadRequest(Exception):
                  code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _error_response(e: BadRequest) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(error_body(e.message, param=e.param, code=e.code), e.status,
+                        headers=headers)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
@@ -66,13 +76,20 @@ class OpenAIIngress:
         import ray
 
         self.max_model_len = ray.get(self.handles.prefills[0].max_model_len.remote())
+        self.api_key = os.environ.get(API_KEY_ENV) or None
+        if self.api_key is None:
+            logger.warning("%s is not set: the API accepts requests without a key", API_KEY_ENV)
 
     @app.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    async def models(self, request: Request) -> Any:
+        try:
+            self._authorize(request)
+        except BadRequest as e:
+            return _error_response(e)
         return {"object": "list", "data": [{
             "id": self.served_name, "object": "model", "created": now(),
             "owned_by": "flashmemory", "max_model_len": self.max_model_len}]}
@@ -87,9 +104,10 @@ class OpenAIIngress:
 
     async def _handle(self, request: Request, chat: bool) -> Any:
         try:
+            self._authorize(request)
             req, prompt, sp, lsa = await self._parse(request, chat)
         except BadRequest as e:
-            return JSONResponse(error_body(e.message, param=e.param, code=e.code), e.status)
+            return _error_response(e)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if req.stream:
             return StreamingResponse(self._sse(rid, prompt, sp, lsa, chat),
@@ -134,9 +152,44 @@ class OpenAIIngress:
             yield sse_event(chunk)
         yield "data: [DONE]\n\n"
 
-    async def _parse(self, request: Request, chat: bool) -> tuple[Any, Prompt, Any, Any]:
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 self.api_key.encode()):
+            raise BadRequest(401, "missing or invalid API key: send 'Authorization: Bearer "
+                             "<key>'", code="invalid_api_key")
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused past ``max_request_bytes`` or ``request_read_timeout_s``."""
+        limit = self.cfg.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise BadRequest(413, f"request body is {declared} bytes; this server takes at "
+                             f"most {limit} (max_request_bytes)")
+        parts: list[bytes] = []
+
+        async def read() -> None:
+            size = 0
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise BadRequest(413, f"request body exceeds {limit} bytes "
+                                     "(max_request_bytes)")
+                parts.append(part)
+
         try:
-            body = await request.json()
+            await asyncio.wait_for(read(), self.cfg.request_read_timeout_s)
+        except TimeoutError:
+            raise BadRequest(408, f"request body not received within "
+                             f"{self.cfg.request_read_timeout_s:g} s") from None
+        return b"".join(parts)
+
+    async def _parse(self, request: Request, chat: bool) -> tuple[Any, Prompt, Any, Any]:
+        raw = await self._body(request)
+        try:
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRequest(400, f"request body is not valid JSON: {e}") from e
         if not isinstance(body, dict):
@@ -150,7 +203,8 @@ class OpenAIIngress:
         if req.model != self.served_name:
             raise BadRequest(404, f"the model '{req.model}' does not exist; this server serves "
                              f"'{self.served_name}'", "model", "model_not_found")
-        return req, self._prompt(req, chat), self._sampling(req), self._lsa(req)
+        prompt = self._prompt(req, chat)
+        return req, prompt, self._sampling(req, len(prompt.token_ids)), self._lsa(req)
 
     def _prompt(self, req: Any, chat: bool) -> Prompt:
         src = [m.model_dump() for m in req.messages] if chat else req.prompt
@@ -162,13 +216,23 @@ class OpenAIIngress:
         except ValueError as e:
             raise BadRequest(400, str(e)) from e
 
-    def _sampling(self, req: Any) -> SamplingParams:
+    def _sampling(self, req: Any, prompt_tokens: int) -> SamplingParams:
         if req.n != 1:
             raise BadRequest(400, "only n=1 is supported", "n")
         max_tokens = req.max_completion_tokens or req.max_tokens
+        room = self.max_model_len - prompt_tokens
+        if max_tokens is not None and max_tokens > room:  # vLLM's rule: refuse, don't truncate
+            raise BadRequest(400, f"this model's context is {self.max_model_len} tokens; the "
+                             f"prompt has {prompt_tokens} and max_tokens asks for {max_tokens}",
+                             "max_tokens", "context_length_exceeded")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        if len(stop) > self.cfg.max_stop_sequences:
+            raise BadRequest(400, f"at most {self.cfg.max_stop_sequences} stop sequences "
+                             f"(max_stop_sequences); got {len(stop)}", "stop")
+        if any(not s or len(s) > 1024 for s in stop):
+            raise BadRequest(400, "each stop sequence must have 1-1024 characters", "stop")
         try:
-            return SamplingParams(max_tokens=256 if max_tokens is None else max_tokens,
+            return SamplingParams(max_tokens=min(256, room) if max_tokens is None else max_tokens,
                                   temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                   seed=req.seed, stop=stop, ignore_eos=req.ignore_eos)
         except ValueError as e:

@@ -23,7 +23,11 @@ DEFAULT_IMPORT_PATH = "flashmemory.cluster.serve_app:build"
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the OpenAI-compatible API on a Ray cluster")
     p.add_argument("--config", type=Path, help="Ray Serve config YAML (applications + http)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default loopback only; 0.0.0.0 exposes the API)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (or set "
+                        "FLASHMEMORY_API_KEY)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", default=None, help="model (default smollm2-135m-instruct)")
     p.add_argument("--num-prefill", type=int, default=1)
@@ -83,6 +87,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if a.get("import_path", DEFAULT_IMPORT_PATH) == DEFAULT_IMPORT_PATH:
             cluster_config_from_dict(dict(a.get("args") or {}))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.api_key:  # the Serve replicas of this local cluster inherit the environment
+        from flashmemory.cluster.serve_app import API_KEY_ENV
+
+        os.environ[API_KEY_ENV] = args.api_key
     # Jobs submitted to this local cluster (`ray job submit -- flashmemory eval ...`) run in a
     # shell that inherits this environment: put this interpreter's bin/ first on PATH so the
     # `flashmemory` and `python` there are ours even when the venv was never activated.

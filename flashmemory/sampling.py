@@ -6,17 +6,19 @@ import torch
 
 from flashmemory.config import SamplingParams
 
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily (as vLLM does)
+
 
 def make_generator(params: SamplingParams, offset: int = 0) -> torch.Generator | None:
     """The request's CPU generator (seed, default 0, plus ``offset``); None when greedy."""
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return None
     return torch.Generator().manual_seed((params.seed or 0) + offset)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
     """logits: (vocab,) -> one token id (sampled on the CPU, where the generator lives)."""
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     logits = logits.float().cpu()
     logits = logits / params.temperature

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -54,3 +55,10 @@ def full_decode_logits(model: CausalLM, ids: list[int], num_prompt: int,
     for tok in ids[num_prompt:]:
         out.append(decode_step(model, pool, [("r", tok)])[0])
     return torch.stack(out)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for Serve, Prometheus, Ray's metrics)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

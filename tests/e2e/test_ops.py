@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from flashmemory.cluster.dashboards import concrete, expressions
+from tests.helpers import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -30,14 +30,8 @@ DASHBOARDS = sorted(Path("k8s/grafana/dashboards").glob("*.json"))
 PROMETHEUS = shutil.which("prometheus")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_prometheus(tmp: Path, target: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     cfg = tmp / "prometheus.yml"
     cfg.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
@@ -69,10 +63,10 @@ def stack(tmp_path_factory):
 
     from flashmemory.cluster.serve_app import build
 
-    metrics_port = _free_port()
+    metrics_port = free_port()
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
              _metrics_export_port=metrics_port)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(dict(ARGS)), name="flashmemory", route_prefix="/")
     prom, prom_url = _start_prometheus(tmp_path_factory.mktemp("prom"),

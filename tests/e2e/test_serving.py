@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -19,18 +18,13 @@ from flashmemory.cluster.config_io import cluster_config_from_dict
 from flashmemory.cluster.launch import connect_workers
 from flashmemory.config import LSAConfig, SamplingParams
 from flashmemory.engine import LLM
+from tests.helpers import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 NEEDLE = Path("examples/needle.txt").read_text()
 MODEL = "smollm2-135m-instruct"
 ARGS = {"num_prefill": 1, "num_decode": 2, "lsa": {"budget": 0.1}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +34,10 @@ def server():
 
     from flashmemory.cluster.serve_app import build
 
-    metrics_port, dashboard_port = _free_port(), _free_port()
+    metrics_port, dashboard_port = free_port(), free_port()
     ray.init(num_cpus=4, include_dashboard=True, dashboard_port=dashboard_port,
              logging_level="WARNING", _metrics_export_port=metrics_port)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(dict(ARGS)), name="flashmemory", route_prefix="/")
     client = ClusterClient(connect_workers(cluster_config_from_dict(dict(ARGS))))
