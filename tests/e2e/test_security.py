@@ -14,6 +14,8 @@ import pytest
 
 from tests.helpers import free_port
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 MODEL = "smollm2-135m-instruct"
 KEY = "test-key-0123456789"
 LIMITS = {"max_request_bytes": 256 * 1024, "request_read_timeout_s": 3.0,
