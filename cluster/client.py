@@ -10,6 +10,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+from ray.exceptions import RayError
+
 from flashmemory.cluster.launch import ClusterHandles
 from flashmemory.cluster.messages import DecodeTask, PrefillTask, TokenEvent
 from flashmemory.cluster.metrics import Metrics
@@ -37,11 +39,14 @@ class ClusterClient:
         prefill = h.prefills[next(self._rr) % len(h.prefills)]
         decode, final, t = None, None, _Timer(self.metrics)
         self._waiting(+1)
+        stage = "prefill"
         try:
             # 1. prefill: chunk KV stays on the prefill worker; embeddings go to the indexer
             reply = await prefill.prefill.remote(PrefillTask(rid, prompt, sampling, lsa))
             # 2. the indexer picks the decode worker
+            stage = "routing"
             decode = h.decodes[await h.indexer.route.remote(rid)]
+            stage = "decode"
             await decode.submit.remote(DecodeTask(rid, prompt, sampling, lsa, reply.prefill_rank,
                                                   reply.first_token, time.time()))
             self._waiting(-1)
@@ -54,10 +59,14 @@ class ClusterClient:
                 yield ev
                 if final is not None:
                     return
+        except RayError as e:  # a worker died or raised: the stream ends with an error event
+            final = TokenEvent(rid, "", finish_reason="error",
+                               error=f"{stage} failed: {_first_line(e)}")
+            yield final
         finally:
             if decode is None:
                 self._waiting(-1)
-            elif final is None:
+            if decode is not None and (final is None or final.finish_reason == "error"):
                 decode.cancel.remote(rid)  # client went away or failed: free the decode pages
             prefill.free.remote(rid)
             h.indexer.forget.remote(rid)
@@ -103,6 +112,15 @@ class ClusterClient:
             return await asyncio.gather(*(self.generate(p, sampling, lsa) for p in prompts))
 
         return asyncio.run(all_())
+
+
+def _first_line(e: BaseException) -> str:
+    """A Ray error's own message, without the remote traceback it carries."""
+    cause = getattr(e, "cause", None)  # RayTaskError: the exception the task raised
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 class _Timer:
