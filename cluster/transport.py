@@ -72,6 +72,10 @@ class ChunkTransport(Protocol):
         """Prefill side: drop a staged payload."""
         ...
 
+    def num_staged(self) -> int:
+        """Prefill side: payloads staged and not yet sent or released (0 when idle)."""
+        ...
+
     def recv(self, plan: TransferPlan, sender: Any,
              out: torch.Tensor | None = None) -> torch.Tensor:
         """Decode side: run the transfer with ``sender`` (the prefill worker's actor handle);
@@ -127,6 +131,9 @@ class TorchDistTransport:
     def release(self, transfer_id: int) -> None:
         self._staged.pop(transfer_id, None)
 
+    def num_staged(self) -> int:
+        return len(self._staged)
+
     def recv(self, plan: TransferPlan, sender: Any,
              out: torch.Tensor | None = None) -> torch.Tensor:
         import ray
@@ -170,6 +177,9 @@ class IpcTransport:
 
     def release(self, transfer_id: int) -> None:
         self._held.pop(transfer_id, None)
+
+    def num_staged(self) -> int:
+        return len(self._held)
 
     def recv(self, plan: TransferPlan, sender: Any,
              out: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from flashmemory.cluster.config import ClusterConfig
+from flashmemory.cluster.faults import Failpoints, Fault
 from flashmemory.cluster.messages import PrefillReply, PrefillTask
 from flashmemory.cluster.metrics import Metrics
 from flashmemory.cluster.runtime import (
@@ -16,7 +18,7 @@ from flashmemory.cluster.runtime import (
     rendezvous_address,
     setup_process,
 )
-from flashmemory.cluster.transport import TorchDistTransport, TransferPlan
+from flashmemory.cluster.transport import TorchDistTransport, TransferError, TransferPlan
 from flashmemory.model.loader import load_backbone
 from flashmemory.prefill.chunk_store import ChunkStore
 from flashmemory.prefill.runner import prefill
@@ -38,6 +40,8 @@ class PrefillWorker:
         self._encoder: Any = None
         self.bytes_sent = 0
         self.metrics = Metrics({"worker": f"prefill-{rank}"})
+        self.faults = Failpoints()
+        self._released: deque[int] = deque(maxlen=4096)  # recently released transfer ids
         self.metrics.process_gauges(e.device)
 
     # -- set-up -------------------------------------------------------------------------------
@@ -86,16 +90,28 @@ class PrefillWorker:
 
     def stage_chunks(self, plan: TransferPlan) -> Any:
         """Read the planned chunks as one payload and stage it in the transport."""
+        self.faults.hit("stage")
+        if plan.transfer_id in self._released:  # the receiver gave up while this ran
+            raise TransferError(f"transfer {plan.transfer_id} was released before staging")
         payload = self.store.read(plan.request_id, list(plan.chunk_ids))
         out = self.transport.stage(plan, payload)
         self.bytes_sent += payload.nbytes
         return out
 
     def send_chunks(self, plan: TransferPlan) -> None:
+        self.faults.hit("send")
         self.transport.send(plan)
 
     def release_transfer(self, transfer_id: int) -> None:
         self.transport.release(transfer_id)
+        self._released.append(transfer_id)  # a late stage of this transfer must not stay staged
+
+    def set_fault(self, fault: Fault) -> None:
+        """Failpoint for tests and outage drills (``cluster.faults``)."""
+        self.faults.set(fault)
+
+    def staged_transfers(self) -> int:
+        return self.transport.num_staged()
 
     def free(self, request_id: str) -> None:
         self.store.free(request_id)

@@ -5,6 +5,7 @@ Runs last in its module: the killed worker stays dead (actor restarts are not wi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -18,7 +19,7 @@ from tests.helpers import free_port
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 MODEL = "smollm2-135m-instruct"
-ARGS = {"num_prefill": 1, "num_decode": 2, "lsa": {"budget": 0.1}}
+ARGS = {"num_prefill": 1, "num_decode": 2, "lsa": {"budget": 0.1}, "transfer_timeout_s": 5.0}
 COUNT = {"role": "user", "content": "Count from one to two hundred, one number per line."}
 
 
@@ -50,6 +51,51 @@ def _stream(url: str, events: list[dict], first: threading.Event) -> None:
                 first.set()
             elif line == "data: [DONE]":
                 events.append({"done": True})
+
+
+def _chat(url: str, max_tokens: int = 8) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
+        "model": MODEL, "max_tokens": max_tokens, "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hi."}]})
+
+
+async def _both_decode_workers_serve(url: str) -> None:
+    """Two concurrent requests: the indexer routes them to the two decode workers."""
+    async with httpx.AsyncClient(timeout=300) as c:
+        rs = await asyncio.gather(*(c.post(f"{url}/v1/chat/completions", json={
+            "model": MODEL, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": f"Say hi {i}."}]}) for i in range(2)))
+    assert [r.status_code for r in rs] == [200, 200], [r.text for r in rs]
+
+
+@pytest.mark.parametrize("kind", ["stall", "fail"])
+def test_a_stalled_or_failing_transfer_fails_only_its_request(cluster, kind) -> None:
+    """The prefill worker stalls (longer than transfer_timeout_s) or fails while staging the
+    chunks of the next transfer: that request ends with a clear error in time; both decode
+    workers and the prefill worker keep serving; nothing stays staged."""
+    import ray
+
+    from flashmemory.cluster.faults import Fault
+
+    url, handles = cluster
+    prefill = handles.prefills[0]
+    ray.get(prefill.set_fault.remote(Fault("stage", kind, seconds=8.0)))
+    t0 = time.time()
+    r = _chat(url)
+    assert r.status_code == 500, r.text
+    msg = r.json()["error"]["message"]
+    assert "TransferError" in msg and "could not be staged" in msg, msg
+    assert ("Timeout" in msg) if kind == "stall" else ("injected fault" in msg), msg
+    assert time.time() - t0 < 60
+    asyncio.run(_both_decode_workers_serve(url))
+    deadline = time.time() + 30  # a stalled stage wakes up after 8 s and must not stay staged
+    while time.time() < deadline:
+        staged = ray.get(prefill.staged_transfers.remote())
+        held = ray.get(prefill.stats.remote())["requests"]
+        if staged == 0 and held == 0:
+            break
+        time.sleep(1)
+    assert staged == 0 and held == 0, (staged, held)
 
 
 def test_killing_a_decode_worker_mid_stream_ends_that_stream_with_an_error(cluster) -> None:
