@@ -72,6 +72,11 @@ class ClusterClient:
             h.indexer.forget.remote(rid)
             self._account(prompt, final)
 
+    def count_error(self, error_type: str) -> None:
+        """A request refused before it reached the cluster (e.g. ``overloaded``)."""
+        if self.metrics:
+            self.metrics.inc("flashmemory_request_errors_total", error_type=error_type)
+
     def _waiting(self, delta: int) -> None:
         self._num_waiting += delta
         if self.metrics:

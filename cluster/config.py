@@ -32,6 +32,12 @@ class ClusterConfig:
     max_request_bytes: int = 32 << 20
     request_read_timeout_s: float = 30.0  # the whole body must arrive within this
     max_stop_sequences: int = 16
+    # admission by KV memory: the decode workers' KV capacity (per worker; None: 90% of the free
+    # GPU memory at start, or half the host's available memory / num_decode on CPU)
+    kv_capacity_gb: float | None = None
+    max_waiting_requests: int = 256  # waiting for KV memory; more are refused at once (429)
+    admission_timeout_s: float = 30.0  # longest wait for KV memory before a 429
+    retry_after_s: int = 5  # the 429's Retry-After
 
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
@@ -45,6 +51,11 @@ class ClusterConfig:
                 or self.max_stop_sequences < 0):
             raise ValueError("max_request_bytes >= 1024, request_read_timeout_s > 0 and "
                              "max_stop_sequences >= 0 required")
+        if ((self.kv_capacity_gb is not None and self.kv_capacity_gb <= 0)
+                or self.max_waiting_requests < 0 or self.admission_timeout_s < 0
+                or self.retry_after_s < 1):
+            raise ValueError("kv_capacity_gb > 0, max_waiting_requests >= 0, "
+                             "admission_timeout_s >= 0 and retry_after_s >= 1 required")
         if self.engine.lsa.mode == "oracle":
             raise ValueError("the oracle mode needs a full-attention trace; it is an evaluation "
                              "mode of the single-process engine, not of the cluster")

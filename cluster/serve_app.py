@@ -22,7 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from starlette.background import BackgroundTask
 
+from flashmemory.cluster.admission import KVAdmission, Overloaded, estimate_kv_tokens
 from flashmemory.cluster.client import ClusterClient
 from flashmemory.cluster.config import ClusterConfig
 from flashmemory.cluster.protocol import (
@@ -58,6 +60,23 @@ def _error_response(e: BadRequest) -> JSONResponse:
                         headers=headers)
 
 
+def _overloaded_response(e: Overloaded) -> JSONResponse:
+    return JSONResponse(error_body(str(e), "overloaded_error", code="kv_capacity_exceeded"),
+                        429, headers={"Retry-After": str(e.retry_after_s)})
+
+
+class _Admitted:
+    """KV bytes admitted for one request; released exactly once."""
+
+    def __init__(self, admission: KVAdmission, need: int) -> None:
+        self.admission, self.need = admission, need
+
+    def release(self) -> None:
+        if self.need:
+            self.admission.release(self.need)
+            self.need = 0
+
+
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress(app)
 class OpenAIIngress:
@@ -77,6 +96,10 @@ class OpenAIIngress:
 
         self.max_model_len = ray.get(self.handles.prefills[0].max_model_len.remote())
         self.api_key = os.environ.get(API_KEY_ENV) or None
+        caps = ray.get([d.kv_capacity.remote() for d in self.handles.decodes])
+        self.kv_per_token = caps[0][1]
+        self.admission = KVAdmission(sum(c for c, _ in caps), cfg.max_waiting_requests,
+                                     cfg.admission_timeout_s, cfg.retry_after_s)
         if self.api_key is None:
             logger.warning("%s is not set: the API accepts requests without a key", API_KEY_ENV)
 
@@ -109,13 +132,24 @@ class OpenAIIngress:
         except BadRequest as e:
             return _error_response(e)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        need = estimate_kv_tokens(len(prompt.token_ids), sp.max_tokens, lsa) * self.kv_per_token
+        try:
+            await self.admission.acquire(need)
+        except Overloaded as e:
+            self.client.count_error("overloaded")
+            return _overloaded_response(e)
+        held = _Admitted(self.admission, need)
         if req.stream:
-            return StreamingResponse(self._sse(rid, prompt, sp, lsa, chat),
-                                     media_type="text/event-stream")
+            return StreamingResponse(self._sse(rid, prompt, sp, lsa, chat, held),
+                                     media_type="text/event-stream",
+                                     background=BackgroundTask(held.release))
         text, final = "", None
-        async for ev in self.client.stream(prompt, sp, lsa, rid):
-            text += ev.text_delta
-            final = ev
+        try:
+            async for ev in self.client.stream(prompt, sp, lsa, rid):
+                text += ev.text_delta
+                final = ev
+        finally:
+            held.release()
         if final is None or final.finish_reason == "error":
             msg = final.error if final else "no output"
             return JSONResponse(error_body(f"request failed: {msg}", "server_error"), 500)
@@ -129,7 +163,15 @@ class OpenAIIngress:
                 "usage": usage(final.stats)}
 
     async def _sse(self, rid: str, prompt: Prompt, sp: SamplingParams, lsa: Any,
-                   chat: bool) -> AsyncIterator[str]:
+                   chat: bool, held: _Admitted) -> AsyncIterator[str]:
+        try:
+            async for text in self._sse_events(rid, prompt, sp, lsa, chat):
+                yield text
+        finally:
+            held.release()
+
+    async def _sse_events(self, rid: str, prompt: Prompt, sp: SamplingParams, lsa: Any,
+                          chat: bool) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         first = True
         async for ev in self.client.stream(prompt, sp, lsa, rid):

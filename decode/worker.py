@@ -67,6 +67,19 @@ class DecodeWorker:
     def ready(self) -> int:
         return self.rank
 
+    def kv_capacity(self) -> tuple[int, int]:
+        """(KV bytes this worker may hold for requests, KV bytes per token)."""
+        per_token = self.pool.page_bytes // self.pool.chunk_size
+        cfg = self.cfg
+        if cfg.kv_capacity_gb is not None:
+            return int(cfg.kv_capacity_gb * 2**30), per_token
+        dev = torch.device(cfg.engine.device)
+        if dev.type == "cuda":
+            return int(0.9 * torch.cuda.mem_get_info(dev)[0]), per_token
+        import psutil
+
+        return int(0.5 * psutil.virtual_memory().available / cfg.num_decode), per_token
+
     # -- client-facing ----------------------------------------------------------------------
     async def submit(self, task: DecodeTask) -> None:
         """Admit a prefilled request; its events are read with ``stream``."""

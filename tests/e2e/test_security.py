@@ -4,6 +4,7 @@ bad request gets a 4xx with an OpenAI-style error body, and the server keeps ans
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -19,7 +20,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 MODEL = "smollm2-135m-instruct"
 KEY = "test-key-0123456789"
 LIMITS = {"max_request_bytes": 256 * 1024, "request_read_timeout_s": 3.0,
-          "max_stop_sequences": 8}
+          "max_stop_sequences": 8,
+          # KV admission: SmolLM2 in fp32 holds 45 KiB of KV per token, so 60 MiB takes one
+          # 3K-token LSA request generating 160 tokens (~41 MiB), and small ones beside it
+          "kv_capacity_gb": 60 / 1024, "admission_timeout_s": 2.0, "retry_after_s": 3}
 ARGS = {"num_prefill": 1, "num_decode": 1, "lsa": {"budget": 0.1}, **LIMITS}
 
 
@@ -173,3 +177,39 @@ def test_client_that_vanishes_mid_stream_does_not_hurt_others(url) -> None:
         assert r.status_code == 200
         next(r.iter_lines())
     _still_serving(url)
+
+
+# -- overload ----------------------------------------------------------------------------------
+async def _long_requests(url: str, n: int) -> list[httpx.Response]:
+    body = {"model": MODEL, "max_tokens": 160, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "lorem ipsum dolor " * 600}]}
+    async with httpx.AsyncClient(timeout=600, headers=AUTH) as c:
+        return await asyncio.gather(*(c.post(f"{url}/v1/chat/completions", json=body)
+                                      for _ in range(n)))
+
+
+def test_overload_is_429_with_retry_after_and_admitted_requests_finish(url) -> None:
+    """Three requests that each need most of the decode worker's KV capacity: one is admitted
+    and finishes, the others wait admission_timeout_s and get 429 + Retry-After; afterwards the
+    capacity is free again."""
+    rs = asyncio.run(_long_requests(url, 3))
+    codes = sorted(r.status_code for r in rs)
+    assert codes == [200, 429, 429], [(r.status_code, r.text[:200]) for r in rs]
+    for r in rs:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] == "3"
+            assert _error(r, 429)["code"] == "kv_capacity_exceeded"
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 160
+    (again,) = asyncio.run(_long_requests(url, 1))  # nothing stayed admitted
+    assert again.status_code == 200, again.text
+    _still_serving(url)
+
+
+def test_a_request_larger_than_the_whole_capacity_is_429_at_once(url) -> None:
+    body = {"model": MODEL, "max_tokens": 1000, "lsa_mode": "full",
+            "messages": [{"role": "user", "content": "lorem ipsum dolor " * 600}]}
+    t0 = time.time()
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+    assert "MiB of KV" in _error(r, 429)["message"]
+    assert time.time() - t0 < 2.0  # refused without waiting

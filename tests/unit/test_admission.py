@@ -1,0 +1,60 @@
+"""KV admission control (the ingress's accounting): first come first served, bounded waits and
+queue, released bytes admit the next waiter; the KV estimate per LSA mode."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flashmemory.cluster.admission import KVAdmission, Overloaded, estimate_kv_tokens
+from flashmemory.config import LSAConfig
+
+
+def test_estimate_follows_the_mode_and_budget() -> None:
+    lsa = LSAConfig(budget=0.1, chunk_size=64, recent_tokens=128, sink_chunks=1)
+    # 100 chunks: sink 1 + selected 10 + open 1 + tail 2 (+1) = 15 chunks, plus generated tokens
+    assert estimate_kv_tokens(6400, 50, lsa) == 15 * 64 + 50
+    assert estimate_kv_tokens(6400, 50, LSAConfig(mode="full")) == 6450
+    assert estimate_kv_tokens(100, 10, lsa) == 2 * 64 + 10  # never more than the prompt's chunks
+
+
+def test_waiters_are_admitted_in_order_as_bytes_are_released() -> None:
+    async def run() -> list[str]:
+        adm = KVAdmission(100, max_waiting=4, timeout_s=5, retry_after_s=1)
+        order: list[str] = []
+        await adm.acquire(60)
+
+        async def want(name: str, need: int) -> None:
+            await adm.acquire(need)
+            order.append(name)
+
+        tasks = [asyncio.create_task(want("a", 50)), asyncio.create_task(want("b", 10))]
+        await asyncio.sleep(0.05)
+        assert order == [] and adm.waiting == 2  # "b" would fit, but "a" came first
+        adm.release(60)
+        await asyncio.gather(*tasks)
+        assert adm.admitted == 60
+        return order
+
+    assert asyncio.run(run()) == ["a", "b"]
+
+
+def test_bounded_wait_full_queue_and_oversized_requests_are_refused() -> None:
+    async def run() -> None:
+        adm = KVAdmission(100, max_waiting=1, timeout_s=0.1, retry_after_s=7)
+        await adm.acquire(100)
+        with pytest.raises(Overloaded) as e:
+            await adm.acquire(1)  # waits 0.1 s, then gives up
+        assert e.value.retry_after_s == 7 and adm.waiting == 0
+        waiter = asyncio.create_task(adm.acquire(1))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="already waiting"):
+            await adm.acquire(1)  # the queue holds one
+        with pytest.raises(Overloaded, match="MiB of KV"):
+            await adm.acquire(101)  # can never fit
+        adm.release(100)
+        await waiter
+        assert adm.admitted == 1
+
+    asyncio.run(run())
