@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prometheus", default="prometheus", help="binary (or .xz of it)")
     ap.add_argument("--goodput", nargs="*", default=["ttft:10000", "tpot:500"])
+    ap.add_argument("--serve-args", type=json.loads, default={},
+                    help='extra Serve app args (ClusterConfig fields) as JSON, e.g. '
+                         '\'{"kv_capacity_gb": 0.05, "admission_timeout_s": 5}\'')
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -120,6 +123,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     binary = _prometheus_binary(args.prometheus)
     serve_args, tokenizer = app_args(args)
+    serve_args.update(args.serve_args)
     metrics_port, port = _port(), _port()
     ray.init(logging_level="WARNING", include_dashboard=False, _metrics_export_port=metrics_port,
              **({"num_gpus": 1} if args.gpu_shape else {}))

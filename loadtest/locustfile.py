@@ -55,6 +55,7 @@ class LongContextChatUser(HttpUser):
         with self.client.post("/v1/chat/completions", json=body, headers=headers, stream=True,
                               name=name, catch_response=True) as resp:
             try:
+                rec["status"] = resp.status_code
                 if resp.status_code != 200:
                     raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
                 usage = self._read_stream(resp, t0, chunks, rec)

@@ -67,9 +67,12 @@ def summarize(records: Sequence[Mapping[str, Any]], duration_s: float,
     tpots = [t for t in (_tpot(r) for r in ok) if t is not None]
     out_tokens = sum(int(r.get("output_tokens") or 0) for r in ok)
     footprints = [r["kv_footprint_mean"] for r in ok if r.get("kv_footprint_mean") is not None]
+    rejected = sum(r.get("status") == 429 for r in records)  # refused by admission control
     return {
         "requests": len(records), "completed": len(ok), "failed": len(records) - len(ok),
         "error_rate": (len(records) - len(ok)) / len(records) if records else 0.0,
+        "rejected_429": rejected,
+        "other_errors": len(records) - len(ok) - rejected,
         "duration_s": duration_s,
         "request_throughput": len(ok) / duration_s if duration_s > 0 else 0.0,
         "output_token_throughput": out_tokens / duration_s if duration_s > 0 else 0.0,
@@ -90,8 +93,9 @@ def format_summary(s: Mapping[str, Any]) -> str:
         return "—" if v is None else format(v, fmt)
 
     lines = [
-        f"requests {s['requests']} (completed {s['completed']}, failed {s['failed']}, "
-        f"error rate {s['error_rate']:.1%}) in {s['duration_s']:.1f} s",
+        f"requests {s['requests']} (completed {s['completed']}, failed {s['failed']} of which "
+        f"{s.get('rejected_429', 0)} were 429, error rate {s['error_rate']:.1%}) in "
+        f"{s['duration_s']:.1f} s",
         f"request throughput {s['request_throughput']:.3f} req/s, output "
         f"{s['output_token_throughput']:.2f} tok/s, goodput {num(s['goodput'], '.3f')} req/s "
         f"(SLOs ms: {s['slos_ms'] or 'none'}), mean KV footprint "
