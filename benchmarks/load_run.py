@@ -45,26 +45,6 @@ def _prometheus_binary(path: str) -> str:
     return found
 
 
-def start_prometheus(binary: str, target: str, tmp: Path) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = _port()
-    cfg = tmp / "prometheus.yml"
-    cfg.write_text("global:\n  scrape_interval: 2s\nscrape_configs:\n  - job_name: ray\n"
-                   f"    static_configs:\n      - targets: ['{target}']\n")
-    proc = subprocess.Popen([binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp}/data",
-                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"])
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise RuntimeError("prometheus did not become ready")
-
-
 def snapshot(prom: str, path: Path, window: str) -> str:
     """The dashboards' values now and their peaks since the run began."""
     from flashmemory.cluster.dashboards import format_snapshot
@@ -119,6 +99,7 @@ def main() -> None:
     from ray import serve
 
     from flashmemory.cluster.serve_app import build
+    from flashmemory.loadtest.prometheus import start_prometheus
 
     args.out.mkdir(parents=True, exist_ok=True)
     binary = _prometheus_binary(args.prometheus)
@@ -130,7 +111,8 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(serve_args), name="flashmemory", route_prefix="/")
     prom, prom_url = start_prometheus(binary, f"127.0.0.1:{metrics_port}",
-                                      Path(tempfile.mkdtemp(prefix="fm-prom-")))  # fresh TSDB
+                                      Path(tempfile.mkdtemp(prefix="fm-prom-")),  # fresh TSDB
+                                      scrape_interval_s=2.0)
     window = f"{args.run_time + 60}s"  # the rate window covers the whole run
     cmd = [sys.executable, "-m", "flashmemory", "loadtest", "--host", f"http://127.0.0.1:{port}",
            "--model", serve_args.get("served_model_name", args.model), "--tokenizer", tokenizer,

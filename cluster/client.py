@@ -66,7 +66,7 @@ class ClusterClient:
         finally:
             if decode is None:
                 self._waiting(-1)
-            if decode is not None and (final is None or final.finish_reason == "error"):
+            elif final is None or final.finish_reason == "error":
                 decode.cancel.remote(rid)  # client went away or failed: free the decode pages
             prefill.free.remote(rid)
             h.indexer.forget.remote(rid)

@@ -4,7 +4,8 @@ names below with ``ray_``. Suffixes follow vLLM's metric names where one exists.
 
 Created once per process by the ingress (request-level metrics) and the workers (KV metrics).
 Ray drops a gauge series that is not set again within two export intervals, so an idle worker's
-gauges would vanish from Prometheus; each process re-sets its last gauge values periodically.
+gauges would vanish from Prometheus; each process re-sets its last gauge values periodically,
+and the same loop samples a worker's memory (``track_process``).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Metrics:
         self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self._lock = threading.Lock()
         self._refresher: threading.Thread | None = None
+        self._device: torch.device | None = None  # whose memory the refresher samples
 
     def _get(self, name: str) -> Any:
         obj = self._objs.get(name)
@@ -132,20 +134,26 @@ class Metrics:
                 self._refresher.start()
 
     def _refresh(self) -> None:
-        """Re-set every gauge's last value, so idle series stay exported (0 stays 0)."""
+        """Every GAUGE_REFRESH_S: sample the tracked memory, then re-set every gauge's last
+        value, so idle series stay exported (0 stays 0)."""
         while True:
             time.sleep(GAUGE_REFRESH_S)
+            if self._device is not None:
+                self._sample_memory()
             with self._lock:
                 for (name, tags), value in self._gauges.items():
                     self._get(name).set(value, tags=dict(tags))
 
-    def process_gauges(self, device: str) -> None:
-        """Set this worker's memory gauge (and its start time, on the first call)."""
-        if "flashmemory_worker_start_time_seconds" not in self._objs:
-            self.set("flashmemory_worker_start_time_seconds", _START_TIME)
-        dev = torch.device(device)
-        if dev.type == "cuda":
-            used = torch.cuda.memory_reserved(dev)
-        else:
-            used = psutil.Process().memory_info().rss
+    def track_process(self, device: str) -> None:
+        """Export this worker's start time and, from now on, its memory on ``device`` (CUDA
+        memory reserved by torch, or the process's RSS on CPU); called once at start-up."""
+        self._device = torch.device(device)
+        self.set("flashmemory_worker_start_time_seconds", _START_TIME)
+        self._sample_memory()
+
+    def _sample_memory(self) -> None:
+        dev = self._device
+        assert dev is not None
+        used = (torch.cuda.memory_reserved(dev) if dev.type == "cuda"
+                else psutil.Process().memory_info().rss)
         self.set("flashmemory_device_memory_bytes", used, device=str(dev))

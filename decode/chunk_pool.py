@@ -48,6 +48,11 @@ class ChunkPool:
         return self.kv[0].numel() * self.kv.element_size()
 
     @property
+    def token_bytes(self) -> int:
+        """KV bytes of one token (all layers, K and V)."""
+        return self.page_bytes // self.chunk_size
+
+    @property
     def num_pages(self) -> int:
         return self.kv.shape[0]
 

@@ -55,7 +55,7 @@ class DecodeWorker:
         self._aio: asyncio.AbstractEventLoop | None = None
         self.bytes_received = 0
         self.metrics = Metrics({"worker": f"decode-{index}"})
-        self.metrics.process_gauges(e.device)
+        self.metrics.track_process(e.device)
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
 
@@ -69,7 +69,7 @@ class DecodeWorker:
 
     def kv_capacity(self) -> tuple[int, int]:
         """(KV bytes this worker may hold for requests, KV bytes per token)."""
-        per_token = self.pool.page_bytes // self.pool.chunk_size
+        per_token = self.pool.token_bytes
         cfg = self.cfg
         if cfg.kv_capacity_gb is not None:
             return int(cfg.kv_capacity_gb * 2**30), per_token
@@ -129,7 +129,7 @@ class DecodeWorker:
 
     def _gauges(self) -> None:
         m, pool = self.metrics, self.pool
-        per_token = pool.page_bytes // pool.chunk_size
+        per_token = pool.token_bytes
         m.set("flashmemory_num_requests_running", len(self.loop.active))
         m.set("flashmemory_kv_resident_bytes",
               sum(pool.resident_tokens(s.rid) for s in self.loop.active) * per_token)
@@ -137,7 +137,6 @@ class DecodeWorker:
               sum(pool.tables[s.rid].num_tokens for s in self.loop.active) * per_token)
         m.set("flashmemory_chunk_pool_pages_used", pool.pages_in_use())
         m.set("flashmemory_chunk_pool_pages_total", pool.num_pages)
-        m.process_gauges(self.cfg.engine.device)
 
     def _drain_inbox(self, block: bool) -> None:
         while True:

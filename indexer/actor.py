@@ -30,7 +30,7 @@ class IndexerActor:
         from flashmemory.cluster.metrics import Metrics
 
         self.metrics = Metrics({"worker": "indexer"})
-        self.metrics.process_gauges("cpu")  # the indexer embeds on the CPU
+        self.metrics.track_process("cpu")  # the indexer embeds on the CPU
 
     @property
     def neural(self) -> Any:
@@ -43,7 +43,6 @@ class IndexerActor:
     def register(self, request_id: str, emb: torch.Tensor, owner: torch.Tensor) -> None:
         """Chunk-window embeddings computed by a prefill worker."""
         self.neural.add_embeddings(request_id, emb, owner)
-        self.metrics.process_gauges("cpu")
 
     def route(self, request_id: str) -> int:
         """Pick the least-loaded decode worker for a new request."""

@@ -42,7 +42,7 @@ class PrefillWorker:
         self.metrics = Metrics({"worker": f"prefill-{rank}"})
         self.faults = Failpoints()
         self._released: deque[int] = deque(maxlen=4096)  # recently released transfer ids
-        self.metrics.process_gauges(e.device)
+        self.metrics.track_process(e.device)
 
     # -- set-up -------------------------------------------------------------------------------
     def rendezvous(self) -> str:
@@ -76,7 +76,7 @@ class PrefillWorker:
             self.store.free(task.request_id)
             raise
         payload_bytes = self.store.read(task.request_id, [0]).nbytes
-        self._gauges()
+        self.metrics.set("flashmemory_chunk_store_bytes", self.store.nbytes())
         return PrefillReply(task.request_id, self.rank, first, len(res.metas), payload_bytes,
                             time.perf_counter() - t0)
 
@@ -115,11 +115,7 @@ class PrefillWorker:
 
     def free(self, request_id: str) -> None:
         self.store.free(request_id)
-        self._gauges()
-
-    def _gauges(self) -> None:
         self.metrics.set("flashmemory_chunk_store_bytes", self.store.nbytes())
-        self.metrics.process_gauges(self.cfg.engine.device)
 
     def stats(self) -> dict[str, int]:
         return {"requests": len(self.store.requests()), "store_bytes": self.store.nbytes(),

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from flashmemory.cluster.dashboards import concrete, expressions
+from flashmemory.loadtest.prometheus import start_prometheus
 from tests.helpers import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,30 +29,6 @@ MODEL = "smollm2-135m-instruct"
 ARGS = {"num_prefill": 1, "num_decode": 1, "lsa": {"budget": 0.1, "repredict_every": 4}}
 DASHBOARDS = sorted(Path("k8s/grafana/dashboards").glob("*.json"))
 PROMETHEUS = shutil.which("prometheus")
-
-
-def _start_prometheus(tmp: Path, target: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cfg = tmp / "prometheus.yml"
-    cfg.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: ray\n    static_configs:\n"
-        f"      - targets: ['{target}']\n")
-    proc = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "prometheus.log", "w"))  # noqa: SIM115
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"prometheus did not start: {(tmp / 'prometheus.log').read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +46,8 @@ def stack(tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(dict(ARGS)), name="flashmemory", route_prefix="/")
-    prom, prom_url = _start_prometheus(tmp_path_factory.mktemp("prom"),
-                                       f"127.0.0.1:{metrics_port}")
+    prom, prom_url = start_prometheus(PROMETHEUS, f"127.0.0.1:{metrics_port}",
+                                      tmp_path_factory.mktemp("prom"))
     yield f"http://127.0.0.1:{port}", prom_url
     prom.terminate()
     prom.wait(timeout=30)
