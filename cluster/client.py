@@ -9,8 +9,9 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
-from ray.exceptions import RayError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
 from flashmemory.cluster.launch import ClusterHandles
 from flashmemory.cluster.messages import DecodeTask, PrefillTask, TokenEvent
@@ -36,19 +37,18 @@ class ClusterClient:
         """Token events; the final one carries stats (TTFT / TPOT / E2E measured here)."""
         h, lsa = self.h, lsa or self.h.cfg.engine.lsa
         rid = request_id or f"req-{next(self._ids)}-{time.time_ns()}"
-        prefill = h.prefills[next(self._rr) % len(h.prefills)]
-        decode, final, t = None, None, _Timer(self.metrics)
+        prefill = decode = None
+        index, final, t = -1, None, _Timer(self.metrics)
         self._waiting(+1)
         stage = "prefill"
         try:
             # 1. prefill: chunk KV stays on the prefill worker; embeddings go to the indexer
-            reply = await prefill.prefill.remote(PrefillTask(rid, prompt, sampling, lsa))
-            # 2. the indexer picks the decode worker
-            stage = "routing"
-            decode = h.decodes[await h.indexer.route.remote(rid)]
+            prefill, reply = await self._prefill(PrefillTask(rid, prompt, sampling, lsa))
+            # 2. the indexer picks the decode worker; one that is dead gets the request elsewhere
             stage = "decode"
-            await decode.submit.remote(DecodeTask(rid, prompt, sampling, lsa, reply.prefill_rank,
-                                                  reply.first_token, time.time()))
+            task = DecodeTask(rid, prompt, sampling, lsa, reply.prefill_rank, reply.first_token,
+                              time.time())
+            index, decode = await self._submit(rid, task)
             self._waiting(-1)
             # 3. stream tokens; the decode worker pulls selected chunks as it goes
             async for ref in decode.stream.remote(rid):
@@ -60,6 +60,8 @@ class ClusterClient:
                 if final is not None:
                     return
         except RayError as e:  # a worker died or raised: the stream ends with an error event
+            if isinstance(e, RayActorError) and decode is not None and stage == "decode":
+                h.indexer.report_down.remote(index)
             final = TokenEvent(rid, "", finish_reason="error",
                                error=f"{stage} failed: {_first_line(e)}")
             yield final
@@ -68,9 +70,55 @@ class ClusterClient:
                 self._waiting(-1)
             elif final is None or final.finish_reason == "error":
                 decode.cancel.remote(rid)  # client went away or failed: free the decode pages
-            prefill.free.remote(rid)
+            if prefill is not None:
+                prefill.free.remote(rid)
             h.indexer.forget.remote(rid)
             self._account(prompt, final)
+
+    async def _prefill(self, task: PrefillTask) -> tuple[Any, Any]:
+        """Prefill on the next worker (round robin); a call refused because that worker is
+        restarting did not run and goes to the next one, for up to ``restart_wait_s``. A call
+        that was running when its worker died is not re-run (it may be what killed it)."""
+        h = self.h
+        deadline = time.monotonic() + h.cfg.restart_wait_s
+        while True:
+            worker = h.prefills[next(self._rr) % len(h.prefills)]
+            try:
+                return worker, await worker.prefill.remote(task)
+            except ActorUnavailableError as e:
+                if not _refused_while_restarting(e) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def _submit(self, rid: str, task: DecodeTask) -> tuple[int, Any]:
+        """Route and submit; a decode worker that died is reported to the indexer (it routes
+        around it until it answers again) and the request goes to another one; when every one
+        failed, it waits for a restart for up to ``restart_wait_s``. Nothing has run on the
+        decode side yet, so submitting again is safe."""
+        h, tried = self.h, []
+        deadline = time.monotonic() + h.cfg.restart_wait_s
+        while True:
+            try:
+                index = await h.indexer.route.remote(rid, tuple(tried))
+            except RayError:  # the indexer is restarting: pick a worker here
+                index = next(i for i in self._rr_decodes() if i not in tried)
+            decode = h.decodes[index]
+            try:
+                await decode.submit.remote(task)
+                return index, decode
+            except RayActorError:
+                h.indexer.report_down.remote(index)
+                tried.append(index)
+                if len(tried) == len(h.decodes):
+                    if time.monotonic() > deadline:
+                        raise
+                    tried.clear()
+                    await asyncio.sleep(0.5)
+
+    def _rr_decodes(self) -> list[int]:
+        n = len(self.h.decodes)
+        start = next(self._rr) % n
+        return [(start + k) % n for k in range(n)]
 
     def count_error(self, error_type: str) -> None:
         """A request refused before it reached the cluster (e.g. ``overloaded``)."""
@@ -117,6 +165,12 @@ class ClusterClient:
             return await asyncio.gather(*(self.generate(p, sampling, lsa) for p in prompts))
 
         return asyncio.run(all_())
+
+
+def _refused_while_restarting(e: ActorUnavailableError) -> bool:
+    """Ray refuses calls to an actor it is restarting ("is restarting"): those did not run. A
+    call in flight when the actor died reads "was restarted" and may have run."""
+    return "is restarting" in str(e)
 
 
 def _first_line(e: BaseException) -> str:

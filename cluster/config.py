@@ -27,6 +27,11 @@ class ClusterConfig:
     torch_threads: int = 1  # intra-op threads per worker process
     transport: Transport = "auto"  # auto: torch p2p (gloo/NCCL) unless workers share a GPU
     transfer_timeout_s: float = 60.0
+    # fault handling: Ray restarts a dead worker (-1: always); a decode worker waits this long
+    # for the indexer's plan before it selects by recency itself
+    max_restarts: int = -1
+    restart_wait_s: float = 30.0  # how long a new request waits for a restarting worker
+    indexer_timeout_s: float = 10.0
     max_batch: int = 32  # sequences per decode step
     # HTTP limits of the Serve ingress (a 1M-token prompt is ~4 MB of text)
     max_request_bytes: int = 32 << 20
@@ -45,8 +50,11 @@ class ClusterConfig:
                              f"{', '.join(TRANSPORTS)}")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("num_prefill and num_decode must be >= 1")
-        if self.max_batch < 1 or self.transfer_timeout_s <= 0:
-            raise ValueError("max_batch must be >= 1 and transfer_timeout_s > 0")
+        if self.max_batch < 1 or self.transfer_timeout_s <= 0 or self.indexer_timeout_s <= 0:
+            raise ValueError("max_batch must be >= 1, transfer_timeout_s and indexer_timeout_s > 0")
+        if self.max_restarts < -1 or self.restart_wait_s < 0:
+            raise ValueError("max_restarts must be >= 0 (or -1: no limit) and "
+                             "restart_wait_s >= 0")
         if (self.max_request_bytes < 1024 or self.request_read_timeout_s <= 0
                 or self.max_stop_sequences < 0):
             raise ValueError("max_request_bytes >= 1024, request_read_timeout_s > 0 and "

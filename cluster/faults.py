@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-Point = Literal["stage", "send"]  # prefill worker: staging a transfer's payload, sending it
+# prefill worker: running a prefill, staging a transfer's payload, sending it
+Point = Literal["prefill", "stage", "send"]
 Kind = Literal["stall", "fail"]
 
 

@@ -1,7 +1,10 @@
 """Start the workers of a FlashMemory cluster on a running Ray cluster and wire them together.
 
-Called by ``flashmemory serve``, the Serve app and the tests. Ranks in the transport group:
-prefill workers 0..P-1, decode workers P..P+D-1.
+Called by ``flashmemory serve``, the Serve app and the tests. Transport ranks: prefill workers
+0..P-1, decode workers P..P+D-1 (the torch transport builds a process group per pair on demand).
+Every actor is restarted by Ray when its process dies (``ClusterConfig.max_restarts``); calls in
+flight then fail, calls made while it restarts wait for it; nothing is retried behind the client's
+back (``max_task_retries=0``): the client decides (``cluster.client``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ class ClusterHandles:
 
 
 def _options(cfg: ClusterConfig, resources: dict[str, float]) -> dict[str, Any]:
-    opts: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_worker}
+    opts: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_worker,
+                            "max_restarts": cfg.max_restarts, "max_task_retries": 0}
     if cfg.num_gpus_per_worker:
         opts["num_gpus"] = cfg.num_gpus_per_worker
     if resources:
@@ -36,7 +40,7 @@ def _options(cfg: ClusterConfig, resources: dict[str, float]) -> dict[str, Any]:
 
 
 def start_workers(cfg: ClusterConfig) -> ClusterHandles:
-    """Create indexer, prefill and decode actors; join their transport group; wait until ready."""
+    """Create indexer, prefill and decode actors; wait until ready."""
     import ray
 
     from flashmemory.decode.worker import DecodeWorker
@@ -45,8 +49,9 @@ def start_workers(cfg: ClusterConfig) -> ClusterHandles:
 
     p, d = cfg.num_prefill, cfg.num_decode
     named = {"namespace": NAMESPACE}
-    indexer = ray.remote(IndexerActor).options(
-        num_cpus=cfg.num_cpus_per_worker, name="indexer", **named).remote(cfg)
+    indexer = ray.remote(IndexerActor).options(  # CPU only: it embeds queries on the CPU
+        name="indexer", **named, num_cpus=cfg.num_cpus_per_worker,
+        max_restarts=cfg.max_restarts, max_task_retries=0).remote(cfg)
     prefills = [
         ray.remote(PrefillWorker)
         .options(max_concurrency=4, name=f"prefill-{i}", **named,
@@ -62,9 +67,6 @@ def start_workers(cfg: ClusterConfig) -> ClusterHandles:
         for j in range(d)
     ]
     ray.get([w.ready.remote() for w in prefills + decodes])
-    if cfg.resolved_transport() == "torch":
-        addr = ray.get(prefills[0].rendezvous.remote())
-        ray.get([w.join_group.remote(addr, p + d) for w in prefills + decodes])
     logger.info("cluster up: %d prefill, %d decode workers, transport %s (%s)", p, d,
                 cfg.resolved_transport(), cfg.backend)
     return ClusterHandles(cfg, indexer, prefills, decodes)

@@ -79,6 +79,11 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "flashmemory_device_memory_bytes": (
         "gauge", "Memory held by a worker process: CUDA memory reserved by torch on a GPU, "
         "resident set size on CPU", ("worker", "device"), None),
+    "flashmemory_indexer_fallbacks_total": (
+        "counter", "Indexer fallbacks. reason=indexer_unavailable|no_embeddings: re-predictions "
+        "the decode worker planned itself (resident chunks plus sinks and tail); "
+        "reason=register_failed: prefills whose embeddings the indexer did not take",
+        ("worker", "reason"), None),
     "flashmemory_worker_start_time_seconds": (
         "gauge", "Unix time a worker process started; a change means the actor restarted",
         ("worker",), None),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 
 import torch
 
@@ -25,15 +24,11 @@ def make_transport(cfg: ClusterConfig) -> ChunkTransport:
     device = torch.device(cfg.engine.device)
     if cfg.resolved_transport() == "ipc":
         return IpcTransport(device)
-    return TorchDistTransport(device)
+    return TorchDistTransport(device, cfg.backend)
 
 
-def rendezvous_address() -> str:
-    """A tcp:// address on this node with a free port, for torch.distributed's TCP store."""
-    import ray
+def process_rss() -> int:
+    """This process's resident set size in bytes (the workers report it in ``stats``)."""
+    import psutil
 
-    ip = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return f"tcp://{ip}:{port}"
+    return psutil.Process().memory_info().rss

@@ -5,7 +5,6 @@ streams tokens to clients, and evicts chunks at re-prediction, completion or can
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
 import threading
@@ -14,17 +13,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
+from ray.exceptions import GetTimeoutError, RayError
 
 from flashmemory.cluster.config import ClusterConfig
 from flashmemory.cluster.messages import DecodeTask, TokenEvent
 from flashmemory.cluster.metrics import Metrics
-from flashmemory.cluster.runtime import make_transport, setup_process
-from flashmemory.cluster.transport import TorchDistTransport, TransferPlan
+from flashmemory.cluster.runtime import make_transport, process_rss, setup_process
+from flashmemory.cluster.transport import TransferPlan, transfer_ids
 from flashmemory.decode.chunk_pool import ChunkPool
 from flashmemory.decode.loop import DecodeLoop, Sequence
 from flashmemory.decode.runner import DecodeRunner
-from flashmemory.indexer.base import ResidencyState
-from flashmemory.indexer.selectors import FullSelector
+from flashmemory.indexer.base import ResidencyState, plan_resident
+from flashmemory.indexer.selectors import FullSelector, RecencySelector
 from flashmemory.model.loader import load_backbone
 from flashmemory.prefill.chunk_store import chunk_shape
 from flashmemory.sampling import make_generator
@@ -51,19 +51,16 @@ class DecodeWorker:
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._sent: dict[str, int] = {}  # chars of text already streamed per request
         self._tasks: dict[str, DecodeTask] = {}
-        self._ids = itertools.count(rank * 1_000_000_000)  # transfer ids unique per receiver
+        self._ids = transfer_ids(rank)
         self._aio: asyncio.AbstractEventLoop | None = None
         self.bytes_received = 0
+        self.fallbacks = 0  # re-predictions the indexer did not plan
         self.metrics = Metrics({"worker": f"decode-{index}"})
         self.metrics.track_process(e.device)
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
 
     # -- set-up -------------------------------------------------------------------------------
-    def join_group(self, init_method: str, world_size: int) -> None:
-        if isinstance(self.transport, TorchDistTransport):
-            TorchDistTransport.init_group(self.cfg.backend, init_method, self.rank, world_size)
-
     def ready(self) -> int:
         return self.rank
 
@@ -105,7 +102,8 @@ class DecodeWorker:
     async def stats(self) -> dict[str, Any]:
         return {"active": len(self.loop.active), "pages_in_use": self.pool.pages_in_use(),
                 "page_bytes": self.pool.page_bytes, "bytes_received": self.bytes_received,
-                "tables": len(self.pool.tables)}
+                "pages_total": self.pool.num_pages, "tables": len(self.pool.tables),
+                "indexer_fallbacks": self.fallbacks, "rss_bytes": process_rss()}
 
     # -- decode thread --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -184,13 +182,33 @@ class DecodeWorker:
             self._aio.call_soon_threadsafe(q.put_nowait, ev)
 
     def _select(self, s: Sequence, state: ResidencyState) -> tuple[set[int], int]:
+        """The indexer's plan; when the indexer cannot answer in time (dead, restarting) or
+        holds no embeddings for the request, keep the resident chunks plus sinks and tail
+        (at admission: recency + sinks), counted as a fallback."""
         import ray
 
-        target, chosen = ray.get(self.indexer.plan.remote(s.store_id, s.lsa, state))
+        try:
+            planned = ray.get(self.indexer.plan.remote(s.store_id, s.lsa, state),
+                              timeout=self.cfg.indexer_timeout_s)
+            reason = "no_embeddings"
+        except (RayError, GetTimeoutError) as e:
+            logger.warning("indexer did not plan %s (%s): keeping its resident chunks",
+                           s.rid, type(e).__name__)
+            planned, reason = None, "indexer_unavailable"
+        if planned is None:
+            self.fallbacks += 1
+            self.metrics.inc("flashmemory_indexer_fallbacks_total", reason=reason)
+            planned = self._keep_resident(s, state)
+        target, chosen = planned
         self.metrics.observe("flashmemory_chunks_selected", chosen)
         self.metrics.inc("flashmemory_repredictions_total")
         self.metrics.inc("flashmemory_chunks_selected_total", chosen)
         return target, chosen
+
+    def _keep_resident(self, s: Sequence, state: ResidencyState) -> tuple[set[int], int]:
+        fixed, _ = plan_resident(s.lsa, RecencySelector(), state, self.pool.chunk_size)
+        kept = {i for i in self.pool.tables[s.rid].pages if i < state.num_prompt_chunks}
+        return fixed | kept, len(kept - fixed)
 
     def _fetch(self, s: Sequence, chunk_ids: list[int],
                out: torch.Tensor | None = None) -> torch.Tensor:

@@ -108,6 +108,9 @@ class NeuralIndexer:
                 owner.append(i)
         return self.embed(texts), torch.tensor(owner, dtype=torch.long)
 
+    def holds(self, request_id: str) -> bool:
+        return request_id in self._chunks
+
     def forget(self, request_id: str) -> None:
         self._chunks.pop(request_id, None)
 

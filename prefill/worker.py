@@ -13,11 +13,7 @@ from flashmemory.cluster.config import ClusterConfig
 from flashmemory.cluster.faults import Failpoints, Fault
 from flashmemory.cluster.messages import PrefillReply, PrefillTask
 from flashmemory.cluster.metrics import Metrics
-from flashmemory.cluster.runtime import (
-    make_transport,
-    rendezvous_address,
-    setup_process,
-)
+from flashmemory.cluster.runtime import make_transport, process_rss, setup_process
 from flashmemory.cluster.transport import TorchDistTransport, TransferError, TransferPlan
 from flashmemory.model.loader import load_backbone
 from flashmemory.prefill.chunk_store import ChunkStore
@@ -45,13 +41,6 @@ class PrefillWorker:
         self.metrics.track_process(e.device)
 
     # -- set-up -------------------------------------------------------------------------------
-    def rendezvous(self) -> str:
-        return rendezvous_address()
-
-    def join_group(self, init_method: str, world_size: int) -> None:
-        if isinstance(self.transport, TorchDistTransport):
-            TorchDistTransport.init_group(self.cfg.backend, init_method, self.rank, world_size)
-
     def ready(self) -> int:
         return self.rank
 
@@ -61,6 +50,7 @@ class PrefillWorker:
         if task.lsa.chunk_size != self.store.chunk_size:
             raise ValueError(f"chunk_size {task.lsa.chunk_size} differs from the cluster's "
                              f"{self.store.chunk_size}")
+        self.faults.hit("prefill")
         t0 = time.perf_counter()
         p = task.prompt
         res = prefill(self.bb.model, self.store, task.request_id, p.token_ids, p.offsets, p.text,
@@ -68,9 +58,7 @@ class PrefillWorker:
         try:
             if task.lsa.mode == "lsa":
                 emb, owner = self.encoder.encode_chunks(self.store.chunk_texts(task.request_id))
-                import ray
-
-                ray.get(self.indexer.register.remote(task.request_id, emb, owner))
+                self._register(task.request_id, emb, owner)
             first = sample(res.logits, task.sampling, make_generator(task.sampling))
         except Exception:
             self.store.free(task.request_id)
@@ -79,6 +67,20 @@ class PrefillWorker:
         self.metrics.set("flashmemory_chunk_store_bytes", self.store.nbytes())
         return PrefillReply(task.request_id, self.rank, first, len(res.metas), payload_bytes,
                             time.perf_counter() - t0)
+
+    def _register(self, request_id: str, emb: Any, owner: Any) -> None:
+        """Hand the chunk embeddings to the indexer; if it cannot take them (dead, restarting
+        past the timeout) the request goes on and decode falls back (``indexer.actor``)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayError
+
+        try:
+            ray.get(self.indexer.register.remote(request_id, emb, owner),
+                    timeout=self.cfg.indexer_timeout_s)
+        except (RayError, GetTimeoutError) as e:
+            logger.warning("indexer did not take the embeddings of %s: %s", request_id,
+                           type(e).__name__)
+            self.metrics.inc("flashmemory_indexer_fallbacks_total", reason="register_failed")
 
     @property
     def encoder(self) -> Any:
@@ -97,6 +99,12 @@ class PrefillWorker:
         out = self.transport.stage(plan, payload)
         self.bytes_sent += payload.nbytes
         return out
+
+    def accept_pair(self, peer_rank: int, peer_instance: str, host: str, port: int,
+                    timeout_s: float) -> None:
+        """torch transport: join the process group a decode worker set up with this worker."""
+        assert isinstance(self.transport, TorchDistTransport)
+        self.transport.accept(peer_rank, peer_instance, host, port, timeout_s)
 
     def send_chunks(self, plan: TransferPlan) -> None:
         self.faults.hit("send")
@@ -119,7 +127,8 @@ class PrefillWorker:
 
     def stats(self) -> dict[str, int]:
         return {"requests": len(self.store.requests()), "store_bytes": self.store.nbytes(),
-                "bytes_sent": self.bytes_sent}
+                "bytes_sent": self.bytes_sent, "staged": self.transport.num_staged(),
+                "rss_bytes": process_rss()}
 
     def max_model_len(self) -> int:
         return self.bb.max_model_len

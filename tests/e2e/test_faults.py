@@ -1,7 +1,11 @@
-"""Worker faults against a live cluster on CPU: a decode actor killed in the middle of a streaming
-response ends that stream with an error event (no hang), a request on the other decode worker
-finishes, and the dead request's chunks are freed on the prefill worker and the indexer.
-Runs last in its module: the killed worker stays dead (actor restarts are not wired yet)."""
+"""Worker and transfer faults against a live cluster on CPU (1 prefill, 2 decode workers):
+- a transfer that stalls or fails fails only its request;
+- a decode actor killed mid-stream ends that stream with an error event (no hang), the other
+  worker's request finishes, Ray restarts the actor, requests go around it meanwhile and to it
+  again afterwards, and no pool, store or indexer keeps anything for the dead request;
+- a prefill actor killed during a prefill fails that request and serves again after its restart;
+- the indexer killed mid-stream: the stream finishes (decode keeps the resident chunks), the
+  fallback is counted, and the restarted indexer serves new requests."""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from tests.helpers import free_port
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 MODEL = "smollm2-135m-instruct"
-ARGS = {"num_prefill": 1, "num_decode": 2, "lsa": {"budget": 0.1}, "transfer_timeout_s": 5.0}
+ARGS = {"num_prefill": 1, "num_decode": 2, "lsa": {"budget": 0.1, "repredict_every": 8},
+        "transfer_timeout_s": 5.0}
 COUNT = {"role": "user", "content": "Count from one to two hundred, one number per line."}
 
 
@@ -98,15 +103,45 @@ def test_a_stalled_or_failing_transfer_fails_only_its_request(cluster, kind) -> 
     assert staged == 0 and held == 0, (staged, held)
 
 
-def test_killing_a_decode_worker_mid_stream_ends_that_stream_with_an_error(cluster) -> None:
+def _start_stream(url: str) -> tuple[threading.Thread, list[dict]]:
+    events: list[dict] = []
+    first = threading.Event()
+    t = threading.Thread(target=_stream, args=(url, events, first), daemon=True)
+    t.start()
+    assert first.wait(120), "no token streamed"
+    return t, events
+
+
+def _wait_for(what: str, check, timeout: float = 120):
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value or time.time() > deadline:
+            assert value, f"timed out waiting for {what}"
+            return value
+        time.sleep(0.5)
+
+
+def _nothing_held(handles) -> None:
+    """No pool, store or indexer keeps anything once every request ended."""
+    import ray
+
+    def idle() -> bool:
+        pre = ray.get(handles.prefills[0].stats.remote())
+        dec = [ray.get(d.stats.remote()) for d in handles.decodes]
+        idx = ray.get(handles.indexer.stats.remote())
+        return (pre["requests"] == 0 and pre["store_bytes"] == 0 and idx["requests_held"] == 0
+                and sum(idx["load"]) == 0
+                and all(d["pages_in_use"] == 0 and d["tables"] == 0 for d in dec))
+
+    _wait_for("workers to hold nothing", idle, 30)
+
+
+def test_a_killed_decode_worker_fails_its_stream_restarts_and_serves_again(cluster) -> None:
     import ray
 
     url, handles = cluster
-    events: list[dict] = []
-    first = threading.Event()
-    victim = threading.Thread(target=_stream, args=(url, events, first), daemon=True)
-    victim.start()
-    assert first.wait(120), "no token streamed"
+    victim, events = _start_stream(url)
     # a second request goes to the least-loaded decode worker, the other one
     other: dict = {}
     bystander = threading.Thread(target=lambda: other.update(r=httpx.post(
@@ -114,30 +149,66 @@ def test_killing_a_decode_worker_mid_stream_ends_that_stream_with_an_error(clust
             "model": MODEL, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
             "messages": [{"role": "user", "content": "Say hi."}]})), daemon=True)
     bystander.start()
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        active = [ray.get(d.stats.remote())["active"] for d in handles.decodes]
-        if all(active):
-            break
-        time.sleep(0.2)
-    assert all(active), active
-    ray.kill(handles.decodes[0], no_restart=True)  # the victim's worker (routed first)
-    t0 = time.time()
+    _wait_for("both decode workers to be busy",
+              lambda: all(ray.get(d.stats.remote())["active"] for d in handles.decodes))
+    ray.kill(handles.decodes[0], no_restart=False)  # the victim's worker (routed first); Ray
+    t0 = time.time()                                 # restarts it
     victim.join(120)
     assert not victim.is_alive(), "the stream hung after its decode worker died"
     assert time.time() - t0 < 60
     errors = [e for e in events if "error" in e]
     assert errors and "decode failed" in errors[0]["error"]["message"], events[-3:]
     assert events[-1] == {"done": True}
+    # while decode-0 restarts, new requests are served (by decode-1, or decode-0 once back)
+    assert _chat(url).status_code == 200
     bystander.join(300)
     assert other["r"].status_code == 200, other["r"].text
     assert other["r"].json()["usage"]["completion_tokens"] == 24
-    # nothing is kept for either request on the prefill worker
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        stats = ray.get(handles.prefills[0].stats.remote())
-        if stats["requests"] == 0:
-            break
-        time.sleep(1)
-    assert stats["requests"] == 0 and stats["store_bytes"] == 0, stats
-    assert ray.get(handles.indexer.stats.remote())["requests_held"] == 0
+    # the restarted worker is probed back into the rotation and serves again
+    _wait_for("decode-0 back in rotation", lambda: not ray.get(handles.indexer.stats.remote())[
+        "down"])
+    asyncio.run(_both_decode_workers_serve(url))
+    assert ray.get(handles.decodes[0].stats.remote())["bytes_received"] > 0
+    _nothing_held(handles)
+
+
+def test_a_killed_prefill_worker_fails_its_request_and_serves_after_restart(cluster) -> None:
+    import ray
+
+    from flashmemory.cluster.faults import Fault
+
+    url, handles = cluster
+    prefill = handles.prefills[0]
+    ray.get(prefill.set_fault.remote(Fault("prefill", "stall", seconds=60)))  # hold it there
+    result: dict = {}
+    victim = threading.Thread(target=lambda: result.update(r=_chat(url)), daemon=True)
+    victim.start()
+    time.sleep(3)  # the request is inside the stalled prefill
+    assert victim.is_alive()
+    ray.kill(prefill, no_restart=False)
+    victim.join(60)
+    assert not victim.is_alive(), "the request hung after its prefill worker died"
+    r = result["r"]
+    assert r.status_code == 500 and "prefill failed" in r.json()["error"]["message"], r.text
+    asyncio.run(_both_decode_workers_serve(url))  # the restarted prefill worker (fault gone)
+    _nothing_held(handles)
+
+
+def test_a_killed_indexer_mid_stream_falls_back_and_the_stream_finishes(cluster) -> None:
+    import ray
+
+    url, handles = cluster
+    before = sum(ray.get(d.stats.remote())["indexer_fallbacks"] for d in handles.decodes)
+    victim, events = _start_stream(url)
+    ray.kill(handles.indexer, no_restart=False)
+    victim.join(300)
+    assert not victim.is_alive()
+    assert not [e for e in events if "error" in e], events[-3:]
+    finish = [e["choices"][0].get("finish_reason") for e in events if "choices" in e]
+    assert finish[-1] == "length", events[-3:]
+    after = sum(ray.get(d.stats.remote())["indexer_fallbacks"] for d in handles.decodes)
+    assert after > before  # re-predictions planned by the decode worker itself
+    r = _chat(url)  # the restarted indexer takes new requests' embeddings and plans them
+    assert r.status_code == 200, r.text
+    assert ray.get(handles.indexer.stats.remote())["repredictions"] > 0
+    _nothing_held(handles)

@@ -46,3 +46,21 @@ def test_transfer_plan_bytes() -> None:
     plan = TransferPlan(1, "r", (0, 3, 7), 0, 1, (30, 2, 3, 64, 64), "float32")
     assert plan.shape == (3, 30, 2, 3, 64, 64)
     assert plan.nbytes == torch.zeros(plan.shape).nbytes
+
+
+@pytest.mark.parametrize("bad", [{"max_restarts": -2}, {"restart_wait_s": -1},
+                                 {"indexer_timeout_s": 0}])
+def test_fault_settings_are_validated(bad: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        cluster_config_from_dict(bad)
+
+
+def test_transfer_ids_are_unique_per_rank_and_restart_and_fit_a_gloo_tag() -> None:
+    from itertools import islice
+
+    from flashmemory.cluster.transport import transfer_ids
+
+    runs = [list(islice(transfer_ids(rank), 1000)) for rank in (1, 1, 2)]  # rank 1 restarted
+    assert len({i for run in runs for i in run}) == 3000
+    plan = TransferPlan(runs[2][-1], "r", (0,), 0, 2, (1, 2, 1, 4, 4), "float32")
+    assert 0 <= plan.tag < 2**31
