@@ -47,6 +47,27 @@ class CompletionRequest(_Common):
     prompt: str
 
 
+def openapi_request(model: type[BaseModel]) -> dict[str, Any]:
+    """An ``openapi_extra`` documenting ``model`` as a route's JSON body. The routes read the body
+    themselves (size and time limits come first), so FastAPI would not list it; nested models
+    are inlined, so the schema stands alone (schema-driven fuzzing reads it)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": inline(schema)}}}}
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

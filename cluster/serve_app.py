@@ -32,6 +32,7 @@ from flashmemory.cluster.protocol import (
     CompletionRequest,
     error_body,
     now,
+    openapi_request,
     usage,
 )
 from flashmemory.config import SamplingParams
@@ -117,11 +118,11 @@ class OpenAIIngress:
             "id": self.served_name, "object": "model", "created": now(),
             "owned_by": "flashmemory", "max_model_len": self.max_model_len}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_request(ChatCompletionRequest))
     async def chat(self, request: Request) -> Any:
         return await self._handle(request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi_request(CompletionRequest))
     async def completions(self, request: Request) -> Any:
         return await self._handle(request, chat=False)
 

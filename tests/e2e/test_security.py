@@ -152,6 +152,61 @@ def test_prompt_beyond_the_context_is_400(url) -> None:
     assert _error(r, 400)["code"] == "context_length_exceeded"
 
 
+# -- schema-driven fuzzing -----------------------------------------------------------------------
+FUZZ_EXAMPLES = 100  # per operation and generation mode
+
+
+def _fuzz_document(url: str) -> dict:
+    """The app's own OpenAPI document, narrowed so that valid cases stay cheap: the served model
+    name, at most 4 new tokens, short texts (the server's limits are tested above)."""
+    doc = httpx.get(f"{url}/openapi.json", timeout=30).json()
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        props = body["properties"]
+        props["model"] = {"type": "string", "enum": [MODEL]}
+        for name in ("max_tokens", "max_completion_tokens"):  # (absent: 256 new tokens)
+            props[name] = {"type": "integer", "minimum": 1, "maximum": 4}
+        body["required"] = sorted({*body.get("required", []), "max_tokens"})
+        if "messages" in props:
+            props["messages"]["maxItems"] = 4
+            props["messages"]["items"]["properties"]["content"]["maxLength"] = 200
+        else:
+            props["prompt"]["maxLength"] = 200
+    return doc
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_schema_driven_fuzzing_finds_no_server_error(url, path, mode) -> None:
+    """schemathesis generates bodies from the app's OpenAPI document: valid ones (positive) and
+    ones that break it (negative, e.g. wrong types, missing fields). No 5xx, every refusal is a
+    4xx with an OpenAI error body, and the server keeps serving."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.generation.modes import GenerationMode
+
+    op = schemathesis.openapi.from_dict(_fuzz_document(url))[path]["POST"]
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case=op.as_strategy(GenerationMode(mode)))
+    def run(case) -> None:
+        r = case.call(base_url=url, headers=AUTH, timeout=120)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (case.body, r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"], r.text[:300]
+
+    run()
+    assert sum(seen.values()) >= FUZZ_EXAMPLES // 2, seen
+    if mode == "positive":
+        assert seen.get(200, 0) > 0, seen  # valid cases do reach generation
+    else:
+        assert any(400 <= code < 500 for code in seen), seen
+    _still_serving(url)
+
+
 # -- slow and vanished clients ------------------------------------------------------------------
 def test_slow_body_times_out_and_the_server_keeps_serving(url) -> None:
     host, port = url.removeprefix("http://").split(":")
