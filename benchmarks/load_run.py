@@ -5,7 +5,11 @@ dashboards' expressions showed halfway through the run and after it.
 CPU:  python benchmarks/load_run.py --out runs/cpu
 H200: python benchmarks/load_run.py --gpu-shape smollm2 --tokenizer .gpu/tok --out runs/h200 \
           --context-tokens 8192,32768 --users 8
-Writes OUT/{summary.md,summary.json,dashboards-during.md,dashboards-after.md,locust_*.csv}.
+Soak: python benchmarks/load_run.py --out runs/soak --soak --run-time 600 \
+          --context-tokens 512,2048,4096 --num-prompts 4 --users 4
+Writes OUT/{summary.md,summary.json,dashboards-during.md,dashboards-after.md,locust_*.csv}; with
+--soak also OUT/soak.md: each worker's memory and held state when idle after a warm-up, and when
+idle again after the run (a soak passes with zero errors and nothing held afterwards).
 """
 
 from __future__ import annotations
@@ -55,6 +59,42 @@ def snapshot(prom: str, path: Path, window: str) -> str:
     return text
 
 
+def worker_state(handles) -> dict[str, dict]:
+    """Each worker's held state and memory (``stats`` of every actor)."""
+    import ray
+
+    state = {f"prefill-{i}": ray.get(w.stats.remote()) for i, w in enumerate(handles.prefills)}
+    state.update({f"decode-{j}": ray.get(w.stats.remote())
+                  for j, w in enumerate(handles.decodes)})
+    state["indexer"] = ray.get(handles.indexer.stats.remote())
+    return state
+
+
+HELD = {"prefill": ("requests", "store_bytes", "staged"),
+        "decode": ("active", "pages_in_use", "tables"), "indexer": ("requests_held",)}
+
+
+def soak_report(before: dict, after: dict, summary: dict, warmup_s: int) -> tuple[str, bool]:
+    """Markdown: memory and held state per worker, idle before and after; and the verdict."""
+    rows, clean = [], summary.get("failed", 1) == 0 and summary.get("completed", 0) > 0
+    for name in after:
+        b, a = before[name], after[name]
+        held = {k: a[k] for k in HELD[name.split("-")[0]]}
+        if "load" in a:  # the indexer's routed-request count
+            held["load"] = sum(a["load"])
+        clean &= not any(held.values())
+        pages = f"{b['pages_total']} -> {a['pages_total']}" if "pages_total" in a else ""
+        rows.append(f"| {name} | {b['rss_bytes'] / 2**20:.0f} | {a['rss_bytes'] / 2**20:.0f} | "
+                    f"{(a['rss_bytes'] - b['rss_bytes']) / 2**20:+.0f} | {pages} | "
+                    + ", ".join(f"{k}={v}" for k, v in held.items()) + " |")
+    head = (f"Soak: {summary.get('completed')} requests completed, {summary.get('failed')} "
+            f"failed over {summary.get('duration_s', 0):.0f} s (after a {warmup_s} s warm-up).\n\n"
+            "| worker | RSS idle before (MiB) | RSS idle after (MiB) | change | pool pages "
+            "allocated | held after the run |\n|---|---|---|---|---|---|\n")
+    verdict = "PASS: zero errors, nothing held" if clean else "FAIL"
+    return head + "\n".join(rows) + f"\n\n{verdict}\n", clean
+
+
 def app_args(args: argparse.Namespace) -> tuple[dict, str]:
     """Serve app args and the tokenizer source for the prompt set."""
     lsa = {"mode": args.mode, "budget": args.budget}
@@ -89,6 +129,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prometheus", default="prometheus", help="binary (or .xz of it)")
     ap.add_argument("--goodput", nargs="*", default=["ttft:10000", "tpot:500"])
+    ap.add_argument("--soak", action="store_true",
+                    help="record worker memory and held state idle before / after (soak.md)")
+    ap.add_argument("--warmup", type=int, default=60,
+                    help="with --soak: seconds of the same load before the idle baseline")
     ap.add_argument("--serve-args", type=json.loads, default={},
                     help='extra Serve app args (ClusterConfig fields) as JSON, e.g. '
                          '\'{"kv_capacity_gb": 0.05, "admission_timeout_s": 5}\'')
@@ -98,6 +142,8 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from flashmemory.cluster.config_io import cluster_config_from_dict
+    from flashmemory.cluster.launch import connect_workers
     from flashmemory.cluster.serve_app import build
     from flashmemory.loadtest.prometheus import start_prometheus
 
@@ -114,12 +160,24 @@ def main() -> None:
                                       Path(tempfile.mkdtemp(prefix="fm-prom-")),  # fresh TSDB
                                       scrape_interval_s=2.0)
     window = f"{args.run_time + 60}s"  # the rate window covers the whole run
-    cmd = [sys.executable, "-m", "flashmemory", "loadtest", "--host", f"http://127.0.0.1:{port}",
-           "--model", serve_args.get("served_model_name", args.model), "--tokenizer", tokenizer,
-           "--context-tokens", args.context_tokens, "--num-prompts", str(args.num_prompts),
-           "--users", str(args.users), "--spawn-rate", str(args.users),
-           "--run-time", f"{args.run_time}s", "--max-tokens", str(args.max_tokens),
-           "--goodput", *args.goodput, "--out", str(args.out)]
+    handles = connect_workers(cluster_config_from_dict(serve_args))
+
+    def locust(run_time: int, out: Path) -> list[str]:
+        return [sys.executable, "-m", "flashmemory", "loadtest",
+                "--host", f"http://127.0.0.1:{port}",
+                "--model", serve_args.get("served_model_name", args.model),
+                "--tokenizer", tokenizer, "--context-tokens", args.context_tokens,
+                "--num-prompts", str(args.num_prompts), "--users", str(args.users),
+                "--spawn-rate", str(args.users), "--run-time", f"{run_time}s",
+                "--max-tokens", str(args.max_tokens), "--goodput", *args.goodput,
+                "--out", str(out)]
+
+    before: dict = {}
+    if args.soak:  # warm up (pools grow, prompts cached), then the idle baseline
+        subprocess.run(locust(args.warmup, args.out / "warmup"), check=False)
+        time.sleep(15)
+        before = worker_state(handles)
+    cmd = locust(args.run_time, args.out)
     during: dict[str, str] = {}
     timer = threading.Timer(30 + args.run_time / 2, lambda: during.setdefault(
         "text", snapshot(prom_url, args.out / "dashboards-during.md", window)))
@@ -128,6 +186,7 @@ def main() -> None:
         proc = subprocess.run(cmd, check=False)
         time.sleep(15)  # two export intervals: the last observations reach Prometheus
         after = snapshot(prom_url, args.out / "dashboards-after.md", window)
+        idle_after = worker_state(handles) if args.soak else {}
     finally:
         timer.cancel()
         prom.terminate()
@@ -139,6 +198,13 @@ def main() -> None:
     print("\n## dashboards, halfway\n" + during.get("text", "(no snapshot)"))
     print("\n## dashboards, after the run\n" + after)
     print((args.out / "summary.md").read_text())
+    if args.soak:
+        report, clean = soak_report(before, idle_after, summary, args.warmup)
+        (args.out / "soak.md").write_text(report)
+        (args.out / "soak.json").write_text(json.dumps({"before": before, "after": idle_after},
+                                                       indent=2) + "\n")
+        print("\n## soak\n" + report)
+        sys.exit(proc.returncode or (0 if clean else 1))
     sys.exit(proc.returncode)
 
 
