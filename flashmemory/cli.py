@@ -132,7 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="run a long-context benchmark over LSA modes")
     ev.add_argument("--suite", default="ruler-niah",
-                    help="ruler-niah, or corpus (documents of --corpus, up to max --lengths)")
+                    help="ruler-niah (the project's NIAH), ruler (RULER's 13 tasks), or corpus "
+                         "(documents of --corpus, up to max --lengths)")
+    ev.add_argument("--tasks", type=_csv, default=[],
+                    help="suite ruler: tasks, e.g. niah_single_1,vt,cwe (default: all 13)")
+    ev.add_argument("--haystack", type=Path,
+                    help="suite ruler: plain-text essay haystack (default: procedural prose)")
+    ev.add_argument("--squad", type=Path, help="suite ruler: SQuAD JSON for qa_1")
+    ev.add_argument("--hotpotqa", type=Path, help="suite ruler: HotpotQA JSON for qa_2")
     ev.add_argument("--corpus", type=Path, help="suite corpus: a corpus Parquet file")
     ev.add_argument("--split", choices=["train", "eval", "all"], default="eval",
                     help="suite corpus: which split (default: eval, the held-out families)")
@@ -141,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=int, default=5, help="samples per length")
     ev.add_argument("--out", required=True, type=Path, help="output directory")
     ev.add_argument("--overwrite", action="store_true", help="replace existing results in --out")
-    ev.add_argument("--max-tokens", type=int, default=64,
-                    help="tokens to generate (a UUID answer needs ~40)")
+    ev.add_argument("--max-tokens", type=int, default=None,
+                    help="tokens to generate (default 64: a UUID answer needs ~40; suite ruler: "
+                         "each task's own count)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--value-kinds", type=_csv, default=["numbers", "uuids"])
     ev.add_argument("--distractors", type=int, default=3)
@@ -276,6 +284,7 @@ def format_stats(out: RequestOutput) -> str:
 
 # -- eval ---------------------------------------------------------------------------------------
 def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
+    from flashmemory.evaluation.ruler import RulerSources
     from flashmemory.evaluation.runner import RESULTS_FILE, EvalConfig, run_eval
 
     try:
@@ -285,6 +294,8 @@ def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
                           max_tokens=args.max_tokens, value_kinds=tuple(args.value_kinds),
                           distractors=args.distractors, corpus=args.corpus,
                           split=None if args.split == "all" else args.split,
+                          tasks=tuple(args.tasks),
+                          ruler=RulerSources(args.haystack, args.squad, args.hotpotqa),
                           command=shlex.join([PROG, *argv]))
         cfg = _engine(args, lsa, uses_indexer="lsa" in ecfg.modes)
     except ValueError as exc:

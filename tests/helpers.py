@@ -1,7 +1,9 @@
-"""Shared test helpers: tiny random HF checkpoints and a dense reference path through our model."""
+"""Shared test helpers: tiny random HF checkpoints, a dense reference path through our model, a
+free port, and tiny QA files in the SQuAD / HotpotQA layouts."""
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -62,3 +64,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_squad(path: Path) -> Path:
+    """SQuAD v2 layout: data[].paragraphs[].{context, qas[].{question, answers[].text,
+    is_impossible}}."""
+    articles = []
+    for a in range(3):
+        paragraphs = [{"context": f"Article {a} paragraph {p}: the river Avon{a}{p} flows past "
+                                  f"the mill of Oswin{a}{p}.",
+                       "qas": [{"question": f"Whose mill does the Avon{a}{p} pass?",
+                                "answers": [{"text": f"Oswin{a}{p}"}], "is_impossible": False},
+                               {"question": "Unanswerable?", "answers": [],
+                                "is_impossible": True}]}
+                      for p in range(4)]
+        articles.append({"title": f"A{a}", "paragraphs": paragraphs})
+    path.write_text(json.dumps({"version": "v2.0", "data": articles}))
+    return path
+
+
+def write_hotpotqa(path: Path) -> Path:
+    """HotpotQA layout: [{question, answer, context: [[title, [sentences]]]}]."""
+    rows = [{"_id": str(i), "question": f"Where was Person{i} born?", "answer": f"Town{i}",
+             "context": [[f"Person{i}", [f"Person{i} is a painter. ", f"Born in Town{i}."]],
+                         [f"Other{i}", [f"Other{i} is a river."]]]} for i in range(6)]
+    path.write_text(json.dumps(rows))
+    return path

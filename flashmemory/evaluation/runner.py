@@ -1,5 +1,7 @@
-"""Evaluation runner: NIAH prompts through ``LLM.run_modes`` (one prefill, every mode), scored rows
-written incrementally to ``results.parquet`` and a per length × mode ``summary.md``.
+"""Evaluation runner: benchmark prompts through ``LLM.run_modes`` (one prefill, every mode), scored
+rows written incrementally to ``results.parquet`` and a per length × mode ``summary.md``.
+Suites: ``ruler-niah`` (the project's NIAH), ``ruler`` (RULER's 13 tasks,
+``flashmemory.evaluation.ruler``), ``corpus`` (documents of a corpus Parquet).
 
 Called by ``flashmemory eval`` (``flashmemory.cli``) and the integration tests.
 """
@@ -28,6 +30,13 @@ from flashmemory.evaluation.niah import (
     render_prompt,
     score_string_match_all,
 )
+from flashmemory.evaluation.ruler import TASKS as RULER_TASKS
+from flashmemory.evaluation.ruler import (
+    QaDataMissing,
+    RulerSources,
+    generate_ruler,
+)
+from flashmemory.evaluation.ruler import score as ruler_score
 from flashmemory.types import Prompt, PromptTooLongError, RequestOutput
 
 if TYPE_CHECKING:
@@ -35,7 +44,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUITES: tuple[str, ...] = ("ruler-niah", "corpus")
+SUITES: tuple[str, ...] = ("ruler-niah", "ruler", "corpus")
 RESULTS_FILE = "results.parquet"
 SUMMARY_FILE = "summary.md"
 QUERY_CHARS = 400  # the question sits at the end of the user turn
@@ -46,6 +55,7 @@ SCHEMA = pa.schema([
     ("sample_id", pa.string()),
     ("depth", pa.float64()),
     ("value_kind", pa.string()),
+    ("task", pa.string()),  # RULER task; the value kind for ruler-niah; the family for corpus
     ("mode", pa.string()),
     ("budget", pa.float64()),  # fraction of prompt chunks; null for full or a token budget
     ("budget_tokens", pa.int64()),
@@ -77,15 +87,19 @@ class EvalConfig:
     samples: int = 5
     seed: int = 0
     lsa: LSAConfig = field(default_factory=LSAConfig)  # base settings; mode is set per run
-    max_tokens: int = 64  # a UUID answer alone is ~37 SmolLM2 tokens
+    # tokens to generate; None: 64 (a UUID answer alone is ~37 SmolLM2 tokens), or for the
+    # ruler suite each task's own count (niah 128, vt 30, cwe 120, fwe 50, qa 32)
+    max_tokens: int | None = None
     value_kinds: tuple[str, ...] = VALUE_KINDS
     distractors: int = 3
     command: str = ""  # the invocation, recorded in summary.md
     corpus: Path | None = None  # suite "corpus": a corpus Parquet (flashmemory.indexer.corpus)
     split: str | None = "eval"  # ... and which of its splits to run
+    tasks: tuple[str, ...] = ()  # suite ruler: which tasks (empty: all 13)
+    ruler: RulerSources = field(default_factory=RulerSources)  # haystack text, QA datasets
 
     def __post_init__(self) -> None:
-        for name in ("lengths", "modes", "value_kinds"):
+        for name in ("lengths", "modes", "value_kinds", "tasks"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         if self.suite not in SUITES:
@@ -98,8 +112,16 @@ class EvalConfig:
                              f"got {','.join(self.modes)}")
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        unknown = [t for t in self.tasks if t not in RULER_TASKS]
+        if unknown:
+            raise ValueError(f"unknown RULER task(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(RULER_TASKS)}")
+        for name, path in (("haystack", self.ruler.haystack), ("squad", self.ruler.squad),
+                           ("hotpotqa", self.ruler.hotpotqa)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"--{name} {path}: no such file")
         kinds = [k for k in self.value_kinds if k not in VALUE_KINDS]
         if kinds or not self.value_kinds:
             raise ValueError(f"value kinds must be some of {', '.join(VALUE_KINDS)}; "
@@ -109,6 +131,21 @@ class EvalConfig:
                              f"got {self.corpus}")
         if self.distractors < 0:
             raise ValueError(f"distractors must be >= 0, got {self.distractors}")
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens to generate for the ruler-niah and corpus suites."""
+        return 64 if self.max_tokens is None else self.max_tokens
+
+    def tokens_for(self, sample: NiahSample) -> int:
+        if self.suite == "ruler" and self.max_tokens is None:
+            return RULER_TASKS[sample.key].tokens_to_generate
+        return self.new_tokens
+
+    def score(self, sample: NiahSample, prediction: str) -> float:
+        if self.suite == "ruler":
+            return ruler_score(sample.key, prediction, sample.answers)
+        return score_string_match_all(prediction, sample.answers)
 
     def mode_configs(self) -> list[LSAConfig]:
         return [replace(self.lsa, mode=m) for m in self.modes]  # type: ignore[arg-type]
@@ -136,13 +173,13 @@ def run_eval(llm: LLM, cfg: EvalConfig, *, progress: bool = True) -> EvalResult:
     plan = _plan(llm, cfg)  # all prompts first: bad lengths fail before any decoding
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     results_path = cfg.out_dir / RESULTS_FILE
-    sampling = SamplingParams(max_tokens=cfg.max_tokens)
     configs = cfg.mode_configs()
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(plan), desc=f"{cfg.suite}", unit="sample", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
     try:
         for sample, prompt in plan:
+            sampling = SamplingParams(max_tokens=cfg.tokens_for(sample))
             outputs = llm.run_modes(prompt, sampling, configs)
             new = [_row(cfg, sample, lsa, out) for lsa, out in zip(configs, outputs, strict=True)]
             rows.extend(new)
@@ -162,18 +199,40 @@ def _plan(llm: LLM, cfg: EvalConfig) -> list[tuple[NiahSample, Prompt]]:
     chat = bool(getattr(llm.tokenizer, "chat_template", None))
     if cfg.suite == "corpus":
         return _corpus_plan(llm, cfg, chat)
+    if cfg.suite == "ruler":
+        return _ruler_plan(llm, cfg, chat)
     plan = []
     for length in cfg.lengths:
         samples = generate_niah(llm.tokenizer, length=length, num_samples=cfg.samples,
                                 seed=cfg.seed, value_kinds=cfg.value_kinds,
                                 num_distractors=cfg.distractors,
-                                tokens_to_generate=cfg.max_tokens, use_chat_template=chat)
+                                tokens_to_generate=cfg.new_tokens, use_chat_template=chat)
         plan.extend((s, tokenize_sample(llm, s, chat)) for s in samples)
     need = max(len(llm.tokenizer.encode(" " + a, add_special_tokens=False))
                for s, _ in plan for a in s.answers)
-    if need >= cfg.max_tokens:
+    if need >= cfg.new_tokens:
         logger.warning("answers need up to %d tokens but max_tokens is %d: some samples cannot "
-                       "score (raise --max-tokens)", need, cfg.max_tokens)
+                       "score (raise --max-tokens)", need, cfg.new_tokens)
+    return plan
+
+
+def _ruler_plan(llm: LLM, cfg: EvalConfig, chat: bool) -> list[tuple[NiahSample, Prompt]]:
+    """RULER's tasks at every length; a QA task without its dataset file is skipped with a
+    warning (the summary lists it)."""
+    plan = []
+    for length in cfg.lengths:
+        for task in cfg.tasks or tuple(RULER_TASKS):
+            try:
+                samples = generate_ruler(llm.tokenizer, task, length, cfg.samples,
+                                         seed=cfg.seed, sources=cfg.ruler,
+                                         use_chat_template=chat)
+            except QaDataMissing as e:
+                if length == cfg.lengths[0]:
+                    logger.warning("RULER %s skipped: %s", task, e)
+                continue
+            plan.extend((s, tokenize_sample(llm, s, chat)) for s in samples)
+    if not plan:
+        raise ValueError("no RULER task could run (the QA tasks need --squad / --hotpotqa)")
     return plan
 
 
@@ -189,7 +248,7 @@ def _corpus_plan(llm: LLM, cfg: EvalConfig, chat: bool) -> list[tuple[NiahSample
         raise ValueError(f"{cfg.corpus} has no documents in split {cfg.split!r}")
     plan = []
     for doc in docs:
-        msgs = fit_prompt(llm, doc, max(cfg.lengths) - cfg.max_tokens)
+        msgs = fit_prompt(llm, doc, max(cfg.lengths) - cfg.new_tokens)
         sample = NiahSample(doc.doc_id, msgs[0]["content"], "", tuple(doc.answer.split("; ")),
                             doc.family, 0.0, doc.family, max(cfg.lengths), 0, (0, 0))
         prompt = tokenize_sample(llm, sample, chat)
@@ -219,10 +278,11 @@ def _row(cfg: EvalConfig, sample: NiahSample, lsa: LSAConfig,
     sparse = lsa.mode != "full"
     return {
         "suite": cfg.suite, "length": sample.length, "sample_id": sample.sample_id,
-        "depth": sample.depth, "value_kind": sample.value_kind, "mode": lsa.mode,
+        "depth": sample.depth, "value_kind": sample.value_kind,
+        "task": sample.key if cfg.suite == "ruler" else sample.value_kind, "mode": lsa.mode,
         "budget": lsa.budget if sparse and lsa.budget_tokens is None else None,
         "budget_tokens": lsa.budget_tokens if sparse else None,
-        "score": score_string_match_all(out.text, sample.answers),
+        "score": cfg.score(sample, out.text),
         "prediction": out.text, "answers": list(sample.answers),
         "finish_reason": out.finish_reason,
         "prompt_tokens": st.prompt_tokens, "completion_tokens": st.completion_tokens,
@@ -284,17 +344,46 @@ def format_table(aggs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def task_table(rows: Sequence[dict[str, Any]]) -> str:
+    """RULER's view: accuracy (mean score x 100) per (length, task) and mode, plus each length's
+    average over tasks (RULER's headline number)."""
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    cells: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in rows:
+        cells.setdefault((str(r["length"]), r["task"]), {}).setdefault(r["mode"], []).append(
+            float(r["score"]))
+    lines = ["| length | task | n | " + " | ".join(modes) + " |",
+             "|---:|---|---:|" + "|".join("---:" for _ in modes) + "|"]
+    per_length: dict[str, dict[str, list[float]]] = {}
+    for (length, task), by_mode in cells.items():
+        accs = {m: 100 * sum(v) / len(v) for m, v in by_mode.items()}
+        for m, a in accs.items():
+            per_length.setdefault(length, {}).setdefault(m, []).append(a)
+        n = len(next(iter(by_mode.values())))
+        lines.append(f"| {length} | {task} | {n} | "
+                     + " | ".join(f"{accs[m]:.1f}" if m in accs else "—" for m in modes) + " |")
+    for length, by_mode in per_length.items():
+        lines.append(f"| {length} | **average** | {len(next(iter(by_mode.values())))} tasks | "
+                     + " | ".join(f"**{sum(by_mode[m]) / len(by_mode[m]):.1f}**"
+                                  if m in by_mode else "—" for m in modes) + " |")
+    return "\n".join(lines)
+
+
 def write_summary(rows: Sequence[dict[str, Any]], cfg: EvalConfig, path: Path, *,
                   model: str) -> str:
     """Write summary.md (table, command, config, date); returns the Markdown table."""
     table = format_table(summarize(rows))
+    if cfg.suite == "ruler":
+        table += "\n\nPer task (RULER: string_match_all, qa string_match_part; × 100):\n\n"
+        table += task_table(rows)
     config = {k: v for k, v in asdict(cfg).items() if k not in ("command", "out_dir")}
     lines = [
         f"# {cfg.suite} — {model}",
         "",
         table,
         "",
-        "Accuracy: mean string_match_all × 100. KV: resident / full KV over decode steps. "
+        "Accuracy: mean score × 100 (string_match_all; RULER's qa tasks: string_match_part). "
+        "KV: resident / full KV over decode steps. "
         "Transfer: bytes moved store → pool / bytes of all prompt chunks. "
         "TTFT/TPOT are measured inside one shared prefill and one batched decode of all modes.",
         "",

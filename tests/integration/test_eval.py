@@ -172,3 +172,32 @@ def test_corpus_suite_scores_documents_of_one_split(llm: LLM, tmp_path: Path) ->
                for r in result.rows)
     with pytest.raises(ValueError, match="corpus"):
         EvalConfig(out_dir=tmp_path, suite="corpus")
+
+
+def test_ruler_suite_runs_tasks_with_their_own_token_counts(llm: LLM, tmp_path: Path,
+                                                           caplog) -> None:
+    """Suite ruler through the real engine: two synthetic tasks and qa_1 from a SQuAD file in
+    the official layout; qa_2 without its file is skipped with a warning; each task generates at
+    most its own token count; the summary has RULER's per-task table and average."""
+    from flashmemory.evaluation.ruler import RulerSources
+    from tests.helpers import write_squad
+
+    squad = write_squad(tmp_path / "squad.json")
+    cfg = EvalConfig(out_dir=tmp_path / "out", suite="ruler", lengths=(1024,),
+                     modes=("full", "lsa"), samples=1, seed=1,
+                     tasks=("niah_single_1", "vt", "qa_1", "qa_2"),
+                     ruler=RulerSources(squad=squad), lsa=LSAConfig(budget=0.25, chunk_size=64))
+    with caplog.at_level(logging.WARNING):
+        res = run_eval(llm, cfg, progress=False)
+    assert "qa_2 skipped" in caplog.text
+    rows = pq.read_table(res.results_path).to_pylist()
+    assert sorted({r["task"] for r in rows}) == ["niah_single_1", "qa_1", "vt"]
+    assert len(rows) == 3 * 2
+    limit = {"niah_single_1": 128, "vt": 30, "qa_1": 32}
+    for r in rows:
+        assert 0 < r["completion_tokens"] <= limit[r["task"]]
+        assert 0.0 <= r["score"] <= 1.0 and r["prompt_tokens"] <= 1024 - limit[r["task"]]
+    full = {r["task"]: r["score"] for r in rows if r["mode"] == "full"}
+    assert full["niah_single_1"] == 1.0  # SmolLM2 finds a single needle at 1K
+    summary = res.summary_path.read_text()
+    assert "| 1024 | vt | 1 |" in summary and "**average**" in summary

@@ -48,6 +48,10 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int,
     (["eval", "--out", "o", "--suite", "mmlu"], "unknown suite 'mmlu'"),
     (["eval", "--out", "o", "--modes", "full,sparse"], "unknown mode 'sparse'"),
     (["eval", "--out", "o", "--samples", "0"], "samples must be >= 1"),
+    (["eval", "--out", "o", "--suite", "ruler", "--tasks", "niah_single_9"],
+     "unknown RULER task(s) niah_single_9"),
+    (["eval", "--out", "o", "--suite", "ruler", "--squad", "nope.json"],
+     "--squad nope.json: no such file"),
 ])
 def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], contains: str) -> None:
     _assert_one_line_error(_cli(*args, cwd=tmp_path), 2, contains)
@@ -98,7 +102,8 @@ def test_eval_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_parser_defaults_and_lengths() -> None:
     args = build_parser().parse_args(["eval", "--out", "d", "--modes", "full,lsa"])
     assert args.modes == ("full", "lsa") and args.lengths == (4096, 8192)
-    assert args.max_tokens == 64 and args.budget == 0.1 and args.model == "smollm2-135m-instruct"
+    # max_tokens: None = the suite's default (64, or each RULER task's own count)
+    assert args.max_tokens is None and args.budget == 0.1 and args.model == "smollm2-135m-instruct"
     assert _lengths("4k, 8192") == (4096, 8192)
     gen = build_parser().parse_args(["generate", "--prompt", "p", "--stop", "a", "--stop", "b"])
     assert gen.stop == ["a", "b"] and gen.max_tokens == 128 and gen.mode == "lsa"
