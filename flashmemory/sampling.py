@@ -29,6 +29,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | 
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         drop = sorted_p.cumsum(0) - sorted_p >= params.top_p  # keep the smallest set reaching p
+        drop[0] = False  # the most likely token always stays (a top_p below float32's range is 0)
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))

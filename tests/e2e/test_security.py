@@ -153,7 +153,8 @@ def test_prompt_beyond_the_context_is_400(url) -> None:
 
 
 # -- schema-driven fuzzing -----------------------------------------------------------------------
-FUZZ_EXAMPLES = 100  # per operation and generation mode
+# per operation and generation mode; FM_FUZZ_EXAMPLES=1000 for a longer hunt
+FUZZ_EXAMPLES = int(os.environ.get("FM_FUZZ_EXAMPLES", "100"))
 
 
 def _fuzz_document(url: str) -> dict:

@@ -26,6 +26,14 @@ def test_top_k_and_top_p_restrict_the_support() -> None:
     assert draws(SamplingParams(temperature=1.0), logits) == {0, 1, 2, 3}
 
 
+@pytest.mark.parametrize("top_p", [1e-300, 1e-50, 1e-40])
+def test_a_top_p_below_float32_keeps_the_most_likely_token(top_p: float) -> None:
+    """Found by the API fuzzer: a top_p that rounds to 0 in float32 dropped every token and the
+    request failed with a NaN distribution; the most likely token always stays."""
+    logits = torch.log(torch.tensor([0.2, 0.5, 0.3]))
+    assert draws(SamplingParams(temperature=1.0, top_p=top_p, top_k=10**30), logits) == {1}
+
+
 def test_seeded_sampling_is_reproducible() -> None:
     logits = torch.randn(50)
     p = SamplingParams(temperature=0.8)
