@@ -27,8 +27,8 @@ class ClusterConfig:
     torch_threads: int = 1  # intra-op threads per worker process
     transport: Transport = "auto"  # auto: torch p2p (gloo/NCCL) unless workers share a GPU
     transfer_timeout_s: float = 60.0
-    # fault handling: Ray restarts a dead worker (-1: always); a decode worker waits this long
-    # for the indexer's plan before it selects by recency itself
+    # fault handling: Ray restarts a dead worker (-1: always); a decode worker waits
+    # indexer_timeout_s for the indexer's plan before it keeps its resident chunks instead
     max_restarts: int = -1
     restart_wait_s: float = 30.0  # how long a new request waits for a restarting worker
     indexer_timeout_s: float = 10.0

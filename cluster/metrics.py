@@ -90,6 +90,11 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
 }
 
 
+def process_rss() -> int:
+    """This process's resident set size in bytes (the memory gauge on CPU; workers' ``stats``)."""
+    return psutil.Process().memory_info().rss
+
+
 class Metrics:
     """This process's metric objects, created on first use."""
 
@@ -159,6 +164,5 @@ class Metrics:
     def _sample_memory(self) -> None:
         dev = self._device
         assert dev is not None
-        used = (torch.cuda.memory_reserved(dev) if dev.type == "cuda"
-                else psutil.Process().memory_info().rss)
+        used = torch.cuda.memory_reserved(dev) if dev.type == "cuda" else process_rss()
         self.set("flashmemory_device_memory_bytes", used, device=str(dev))

@@ -26,9 +26,3 @@ def make_transport(cfg: ClusterConfig) -> ChunkTransport:
         return IpcTransport(device)
     return TorchDistTransport(device, cfg.backend)
 
-
-def process_rss() -> int:
-    """This process's resident set size in bytes (the workers report it in ``stats``)."""
-    import psutil
-
-    return psutil.Process().memory_info().rss

@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import RayError
 
 from flashmemory.cluster.config import ClusterConfig
 from flashmemory.cluster.messages import DecodeTask, TokenEvent
-from flashmemory.cluster.metrics import Metrics
-from flashmemory.cluster.runtime import make_transport, process_rss, setup_process
+from flashmemory.cluster.metrics import Metrics, process_rss
+from flashmemory.cluster.runtime import make_transport, setup_process
 from flashmemory.cluster.transport import TransferPlan, transfer_ids
 from flashmemory.decode.chunk_pool import ChunkPool
 from flashmemory.decode.loop import DecodeLoop, Sequence
@@ -191,7 +191,7 @@ class DecodeWorker:
             planned = ray.get(self.indexer.plan.remote(s.store_id, s.lsa, state),
                               timeout=self.cfg.indexer_timeout_s)
             reason = "no_embeddings"
-        except (RayError, GetTimeoutError) as e:
+        except RayError as e:  # includes GetTimeoutError
             logger.warning("indexer did not plan %s (%s): keeping its resident chunks",
                            s.rid, type(e).__name__)
             planned, reason = None, "indexer_unavailable"

@@ -48,7 +48,6 @@ class IndexerActor:
         self._routes: dict[str, int] = {}
         self._down: set[int] = set()  # decode workers reported dead, being probed
         self.repredictions = 0
-        self.fallbacks = 0
         from flashmemory.cluster.metrics import Metrics
 
         self.metrics = Metrics({"worker": "indexer"})
@@ -88,7 +87,7 @@ class IndexerActor:
         """Until decode worker ``index`` answers (Ray restarts it; calls wait for that) or Ray
         says it is gone for good."""
         import ray
-        from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
+        from ray.exceptions import ActorDiedError, RayError
 
         from flashmemory.cluster.launch import NAMESPACE
 
@@ -101,15 +100,12 @@ class IndexerActor:
                 logger.info("decode-%d answers again", index)
                 return
             except ActorDiedError as e:
-                if "restart" in str(e) and "will not be restarted" in str(e):
+                if "will not be restarted" in str(e):
                     break
-            except (RayError, GetTimeoutError, ValueError):
+            except (RayError, ValueError):  # RayError includes GetTimeoutError
                 pass  # not reachable yet (dying, restarting, or its name is not back yet)
             time.sleep(1.0)
         logger.error("decode-%d did not come back; it gets no new requests", index)
-
-    def down(self) -> list[int]:
-        return sorted(self._down)
 
     def plan(self, request_id: str, lsa: LSAConfig,
              state: ResidencyState) -> tuple[set[int], int] | None:
@@ -119,8 +115,7 @@ class IndexerActor:
         self.repredictions += 1
         selector: Selector | None = baseline_selector(lsa)
         if selector is None:
-            if not self.neural.holds(request_id):
-                self.fallbacks += 1
+            if not self.neural.holds(request_id):  # the decode worker counts the fallback
                 return None
             selector = self.neural
         return plan_resident(lsa, selector, state, self.cfg.engine.lsa.chunk_size)
@@ -140,9 +135,9 @@ class IndexerActor:
         return self.cfg
 
     def stats(self) -> dict[str, Any]:
-        from flashmemory.cluster.runtime import process_rss
+        from flashmemory.cluster.metrics import process_rss
 
         held = len(self._neural._chunks) if self._neural is not None else 0
         return {"load": list(self._load), "requests_held": held,
-                "repredictions": self.repredictions, "fallbacks": self.fallbacks,
-                "down": sorted(self._down), "rss_bytes": process_rss()}
+                "repredictions": self.repredictions, "down": sorted(self._down),
+                "rss_bytes": process_rss()}

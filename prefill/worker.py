@@ -12,8 +12,8 @@ from typing import Any
 from flashmemory.cluster.config import ClusterConfig
 from flashmemory.cluster.faults import Failpoints, Fault
 from flashmemory.cluster.messages import PrefillReply, PrefillTask
-from flashmemory.cluster.metrics import Metrics
-from flashmemory.cluster.runtime import make_transport, process_rss, setup_process
+from flashmemory.cluster.metrics import Metrics, process_rss
+from flashmemory.cluster.runtime import make_transport, setup_process
 from flashmemory.cluster.transport import TorchDistTransport, TransferError, TransferPlan
 from flashmemory.model.loader import load_backbone
 from flashmemory.prefill.chunk_store import ChunkStore
@@ -72,12 +72,12 @@ class PrefillWorker:
         """Hand the chunk embeddings to the indexer; if it cannot take them (dead, restarting
         past the timeout) the request goes on and decode falls back (``indexer.actor``)."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayError
+        from ray.exceptions import RayError
 
         try:
             ray.get(self.indexer.register.remote(request_id, emb, owner),
                     timeout=self.cfg.indexer_timeout_s)
-        except (RayError, GetTimeoutError) as e:
+        except RayError as e:  # includes GetTimeoutError
             logger.warning("indexer did not take the embeddings of %s: %s", request_id,
                            type(e).__name__)
             self.metrics.inc("flashmemory_indexer_fallbacks_total", reason="register_failed")

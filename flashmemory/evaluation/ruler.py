@@ -429,6 +429,7 @@ def generate_ruler(tokenizer: Any, task: str, length: int, num_samples: int, *, 
                 return _fwe_sample(rng, spec.args, n, src, length)
             return _qa_sample(rng, spec.args, n, src, index)
 
+        @cache  # the search and the final count read the same sizes
         def tokens(n: int) -> int:
             user, prefix, _ = make(n)
             text = render_prompt(tokenizer, user, prefix, use_chat_template=use_chat_template)
