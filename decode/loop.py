@@ -18,6 +18,7 @@ from flashmemory.config import LSAConfig, SamplingParams
 from flashmemory.decode.chunk_pool import ChunkPool
 from flashmemory.decode.runner import DecodeRunner
 from flashmemory.decode.step import AttentionRecorder
+from flashmemory.indexer.backbone import QueryTap
 from flashmemory.indexer.base import ResidencyState, Selector, plan_resident
 from flashmemory.model.llama import CausalLM
 from flashmemory.prefill.chunk_store import ChunkStore
@@ -48,6 +49,7 @@ class Sequence:
     first_token_at: float = 0.0
     steps: int = 0
     error: str | None = None
+    tap: QueryTap | None = None  # mode quest: the decode step keeps this sequence's queries
 
     @property
     def last_token(self) -> int:
@@ -132,7 +134,8 @@ class DecodeLoop:
             return done
         # 2. one batched forward over resident chunks only
         batch = [(s.rid, s.last_token) for s in self.active]
-        logits = self.runner.step(batch, recorder)
+        taps = {s.rid: s.tap for s in self.active if s.tap is not None}
+        logits = self.runner.step(batch, recorder, taps)
         # 3. sample, measure, retire
         for s, lg in zip(list(self.active), logits, strict=True):
             s.steps += 1

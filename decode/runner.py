@@ -15,6 +15,7 @@ import torch
 from flashmemory.config import ATTENTIONS, Attention
 from flashmemory.decode.chunk_pool import ChunkPool
 from flashmemory.decode.step import AttentionRecorder, build_slot, decode_step
+from flashmemory.indexer.backbone import QueryTap
 from flashmemory.kernels.fused import store_kv
 from flashmemory.kernels.lsa_decode import lsa_decode
 from flashmemory.model.llama import CausalLM
@@ -136,11 +137,12 @@ class DecodeRunner:
         self.replays = 0
 
     @torch.no_grad()
-    def step(self, batch: list[tuple[str, int]],
-             recorder: AttentionRecorder | None = None) -> torch.Tensor:
-        """batch = [(request_id, last_token)] -> fp32 logits (B, vocab); advances each request."""
-        if self.attention == "torch" or recorder is not None:
-            return decode_step(self.model, self.pool, batch, recorder)  # records attention mass
+    def step(self, batch: list[tuple[str, int]], recorder: AttentionRecorder | None = None,
+             taps: dict[str, QueryTap] | None = None) -> torch.Tensor:
+        """batch = [(request_id, last_token)] -> fp32 logits (B, vocab); advances each request.
+        Recording attention or tapping queries (evaluation only) takes the torch path."""
+        if self.attention == "torch" or recorder is not None or taps:
+            return decode_step(self.model, self.pool, batch, recorder, taps)
         # 1. reserve slots and lay out each request's resident pages (host side)
         step = self._plan(batch)
         # 2. forward: replay the bucket's graph (table rewritten outside it) or run eagerly

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from flashmemory.decode.chunk_pool import ChunkPool
+from flashmemory.indexer.backbone import QueryTap, bound_scores, chunk_bounds
 from flashmemory.model.llama import CausalLM
 
 
@@ -76,29 +77,21 @@ def _peak(acc: torch.Tensor | None, chunks: torch.Tensor, value: torch.Tensor) -
 
 
 def quest_scores(q: torch.Tensor, k: torch.Tensor, n: int, c: int) -> torch.Tensor:
-    """Quest's page scores, per chunk: for each query head, the upper bound of q.k over the
-    chunk from the elementwise min / max of its keys, softmaxed over chunks; peak over heads.
+    """Quest's page scores, per chunk, for the label dump (``indexer.backbone``).
 
     q: (Hq, D); k: (Hkv, T, D) the request's keys in chunk order (T <= n * c) -> (n,).
     """
-    hq, hkv, d = q.shape[0], k.shape[0], k.shape[-1]
-    t = k.shape[1]
-    lo = torch.full((hkv, n * c, d), float("inf"), dtype=torch.float32)
-    hi = torch.full((hkv, n * c, d), float("-inf"), dtype=torch.float32)
-    lo[:, :t], hi[:, :t] = k.float().cpu(), k.float().cpu()
-    kmin = lo.view(hkv, n, c, d).amin(2).repeat_interleave(hq // hkv, 0)  # (Hq, n, D)
-    kmax = hi.view(hkv, n, c, d).amax(2).repeat_interleave(hq // hkv, 0)
-    qq = q.float().cpu()[:, None, :]  # (Hq, 1, D)
-    bound = torch.maximum(qq * kmin, qq * kmax).sum(-1)  # (Hq, n)
-    return torch.softmax(bound * d ** -0.5, dim=-1).max(0).values
+    kmin, kmax = chunk_bounds(k.cpu(), n, c)
+    return bound_scores(q.cpu(), kmin, kmax)
 
 
 class DecodeBackend:
     """AttentionBackend for a decode batch: writes new K/V into pages, attends resident pages."""
 
     def __init__(self, pool: ChunkPool, slots: list[DecodeSlot],
-                 recorder: AttentionRecorder | None = None) -> None:
-        self.pool, self.slots, self.recorder = pool, slots, recorder
+                 recorder: AttentionRecorder | None = None,
+                 taps: dict[str, QueryTap] | None = None) -> None:
+        self.pool, self.slots, self.recorder, self.taps = pool, slots, recorder, taps or {}
         dev = pool.kv.device
         self._pages = torch.tensor([s.page for s in slots], device=dev)
         self._offs = torch.tensor([s.slot for s in slots], device=dev)
@@ -120,6 +113,9 @@ class DecodeBackend:
                 enable_gqa=True,
             )
             outs.append(o[0, :, 0])  # (Hq, D)
+            tap = self.taps.get(s.request_id)
+            if tap is not None:  # the Quest baseline ranks chunks with this query
+                tap.q[layer] = q[i].detach().float().cpu()
             if self.recorder is not None:
                 self._record(s, qi, flat[0].to(q.dtype), n, c)
         return torch.stack(outs)  # (B, Hq, D)
@@ -155,14 +151,16 @@ def decode_step(
     pool: ChunkPool,
     batch: list[tuple[str, int]],
     recorder: AttentionRecorder | None = None,
+    taps: dict[str, QueryTap] | None = None,
 ) -> torch.Tensor:
-    """Run one token per request; batch = [(request_id, last_token)] -> fp32 logits (B, vocab)."""
+    """Run one token per request; batch = [(request_id, last_token)] -> fp32 logits (B, vocab).
+    ``recorder`` records attention mass; ``taps`` keep some requests' queries (Quest)."""
     # 1. reserve slots and fix each request's resident set for this step
     slots = [build_slot(pool, rid) for rid, _ in batch]
     positions = torch.tensor([pool.tables[rid].num_tokens for rid, _ in batch], device=model.device)
     ids = torch.tensor([tok for _, tok in batch], device=model.device)
     # 2. forward through the model with the paged backend
-    hidden = model(ids, positions, DecodeBackend(pool, slots, recorder))
+    hidden = model(ids, positions, DecodeBackend(pool, slots, recorder, taps))
     # 3. the new tokens are now part of each sequence
     for rid, _ in batch:
         pool.tables[rid].num_tokens += 1

@@ -8,7 +8,9 @@ from typing import Literal, get_args
 
 import torch
 
-Mode = Literal["full", "lsa", "recency", "random", "oracle"]
+Mode = Literal["full", "lsa", "recency", "random", "oracle", "snapkv", "quest"]
+# modes that rank chunks with the backbone's own queries and keys: single-process engine only
+BACKBONE_MODES: tuple[str, ...] = ("oracle", "snapkv", "quest")
 MODES: tuple[str, ...] = get_args(Mode)
 Attention = Literal["auto", "torch", "triton"]
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
@@ -55,6 +57,7 @@ class LSAConfig:
     repredict_every: int = 64  # decode steps between re-predictions
     oracle_window: int = 64  # steps of future attention mass the oracle ranks by
     seed: int = 0  # random selector
+    indexer: str | None = None  # mode lsa: this encoder instead of the engine's (eval variants)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -106,3 +109,35 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+# keys a mode variant may set, with their types ("lsa:budget=0.05", "lsa:indexer=runs/idx")
+_VARIANT_KEYS = {"budget": float, "budget_tokens": int, "threshold": float, "min_budget": float,
+                 "indexer": str, "recent_tokens": int, "sink_chunks": int,
+                 "repredict_every": int, "seed": int}
+
+
+def mode_variant(spec: str, base: LSAConfig) -> LSAConfig:
+    """``MODE[:key=value]...`` -> ``base`` with that mode and those fields, so one evaluation can
+    compare e.g. ``lsa``, ``lsa:budget=0.05``, ``lsa:threshold=0.4:min_budget=0.02`` and
+    ``lsa:indexer=runs/idx``. Raises ValueError naming the bad part."""
+    from dataclasses import replace
+
+    mode, *parts = spec.strip().split(":")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} in {spec!r}; choose one of {', '.join(MODES)}")
+    fields: dict[str, object] = {"mode": mode}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or key not in _VARIANT_KEYS:
+            raise ValueError(f"bad mode option {part!r} in {spec!r}: expected KEY=VALUE with KEY "
+                             f"one of {', '.join(_VARIANT_KEYS)}")
+        try:
+            fields[key] = _VARIANT_KEYS[key](value)
+        except ValueError:
+            raise ValueError(f"bad value {value!r} for {key} in {spec!r}") from None
+    if "budget_tokens" not in fields and "budget" in fields:
+        fields["budget_tokens"] = None  # a fraction given here wins over a base token budget
+    if "indexer" in fields and mode != "lsa":
+        raise ValueError(f"{spec!r}: only mode lsa takes an indexer")
+    return replace(base, **fields)  # type: ignore[arg-type]

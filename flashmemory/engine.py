@@ -19,6 +19,14 @@ from flashmemory.decode.chunk_pool import ChunkPool
 from flashmemory.decode.loop import DecodeLoop, Sequence
 from flashmemory.decode.runner import DecodeRunner
 from flashmemory.decode.step import AttentionRecorder
+from flashmemory.indexer.backbone import (
+    SNAPKV_WINDOW,
+    PromptKeys,
+    QueryTap,
+    QuestSelector,
+    SnapKVSelector,
+)
+from flashmemory.indexer.backbone import observe as observe_prompt
 from flashmemory.indexer.base import Selector
 from flashmemory.indexer.selectors import baseline_selector
 from flashmemory.model.loader import load_backbone, resolve
@@ -53,7 +61,8 @@ class LLM:
         bb = load_backbone(cfg.model, cfg.torch_dtype, cfg.device, cfg.max_model_len)
         self.model, self.tokenizer = bb.model, bb.tokenizer
         self.eos_ids, self.max_model_len = bb.eos_ids, bb.max_model_len
-        self._indexer: Any = None
+        self._indexers: dict[str, Any] = {}  # encoder name -> NeuralIndexer (loaded on use)
+        self._keys: dict[str, PromptKeys] = {}  # store id -> the snapkv / quest baselines' view
         self._ids = itertools.count()
         if cfg.lsa.mode == "lsa":
             _ = self.indexer  # load the encoder now, not inside the first request's TTFT
@@ -84,8 +93,7 @@ class LLM:
         store_id = f"p{next(self._ids)}"
         start = time.perf_counter()
         try:
-            first = self._prefill(store_id, prompt, configs[0].chunk_size, any(
-                c.mode == "lsa" for c in configs))
+            first = self._prefill(store_id, prompt, configs[0].chunk_size, configs)
             traces = None
             if any(c.mode == "oracle" for c in configs):
                 traces = self._oracle_traces(store_id, prompt, sampling, configs, first, start)
@@ -101,7 +109,7 @@ class LLM:
         store_id = f"p{next(self._ids)}"
         start = time.perf_counter()
         try:
-            first = self._prefill(store_id, prompt, lsa.chunk_size, embed=False)
+            first = self._prefill(store_id, prompt, lsa.chunk_size, [replace(lsa, mode="full")])
             texts = self.store.chunk_texts(store_id)
             out, steps, quest = self._record_full(store_id, prompt, sampling, lsa, first, start,
                                                   quest_every)
@@ -120,7 +128,7 @@ class LLM:
         try:
             firsts, seqs = {}, []
             for sid, p in zip(store_ids, prompts, strict=True):
-                firsts[sid] = self._prefill(sid, p, lsa.chunk_size, lsa.mode == "lsa")
+                firsts[sid] = self._prefill(sid, p, lsa.chunk_size, [lsa])
                 seqs.append(self._new_seq(sid, p, sampling, lsa, start, None))
             return self._decode(seqs, firsts)
         finally:
@@ -138,32 +146,55 @@ class LLM:
                                        self.config.cuda_graphs)  # graphs live with the pool
 
     def _prefill(self, store_id: str, prompt: Prompt, chunk_size: int,
-                 embed: bool) -> torch.Tensor:
+                 configs: list[LSAConfig]) -> torch.Tensor:
+        """Prefill into the store, then what the configs' selectors need: chunk embeddings of
+        each neural indexer, the backbone's view for snapkv / quest."""
         self._ensure_store(chunk_size)
+        observe = any(c.mode in ("snapkv", "quest") for c in configs)
         res = prefill(self.model, self.store, store_id, prompt.token_ids, prompt.offsets,
-                      prompt.text, self.config.prefill_piece_tokens)
-        if embed:
-            self.indexer.add_request(store_id, self.store.chunk_texts(store_id))
+                      prompt.text, self.config.prefill_piece_tokens,
+                      observe_last=SNAPKV_WINDOW if observe else 0)
+        for name in dict.fromkeys(c.indexer or self.config.indexer for c in configs
+                                  if c.mode == "lsa"):
+            self.indexer_for(name).add_request(store_id, self.store.chunk_texts(store_id))
+        if res.window_q is not None:
+            n = len(res.metas)
+            keys = [self.store.layer_kv(store_id, i, res.num_tokens)[0]
+                    for i in range(self.model.config.num_layers)]
+            self._keys[store_id] = observe_prompt(res.window_q, keys, n, chunk_size)
         return res.logits
 
     @property
     def indexer(self) -> Any:
-        if self._indexer is None:
+        """The engine's neural indexer (``EngineConfig.indexer``)."""
+        return self.indexer_for(self.config.indexer)
+
+    def indexer_for(self, name: str) -> Any:
+        if name not in self._indexers:
             from flashmemory.indexer.neural import NeuralIndexer
 
-            self._indexer = NeuralIndexer(self.config.indexer, device=self.config.device)
-        return self._indexer
+            self._indexers[name] = NeuralIndexer(name, device=self.config.device)
+        return self._indexers[name]
 
-    def _selector(self, lsa: LSAConfig, traces: dict[str, list[torch.Tensor]] | None) -> Selector:
+    def _selector(self, lsa: LSAConfig, traces: dict[str, list[torch.Tensor]] | None,
+                  store_id: str, tap: QueryTap | None) -> Selector:
         if lsa.mode == "oracle":
             traces = traces or {}
-        return baseline_selector(lsa, traces) or self.indexer
+        if lsa.mode == "snapkv":
+            return SnapKVSelector(self._keys[store_id])
+        if lsa.mode == "quest":
+            assert tap is not None
+            return QuestSelector(self._keys[store_id], tap)
+        return baseline_selector(lsa, traces) or self.indexer_for(
+            lsa.indexer or self.config.indexer)
 
     def _new_seq(self, store_id: str, prompt: Prompt, params: SamplingParams, lsa: LSAConfig,
                  start: float, traces: dict[str, list[torch.Tensor]] | None) -> Sequence:
         rid = f"{store_id}-{lsa.mode}-{next(self._ids)}"
-        return Sequence(rid, store_id, prompt, params, lsa, self._selector(lsa, traces), start,
-                        make_generator(params))
+        tap = QueryTap() if lsa.mode == "quest" else None
+        return Sequence(rid, store_id, prompt, params, lsa,
+                        self._selector(lsa, traces, store_id, tap), start,
+                        make_generator(params), tap=tap)
 
     def _oracle_traces(self, store_id: str, prompt: Prompt, sampling: SamplingParams,
                        configs: list[LSAConfig], first: torch.Tensor,
@@ -193,5 +224,6 @@ class LLM:
     def _release(self, store_id: str) -> None:
         if getattr(self, "store", None) is not None:
             self.store.free(store_id)
-        if self._indexer is not None:
-            self._indexer.forget(store_id)
+        for indexer in self._indexers.values():
+            indexer.forget(store_id)
+        self._keys.pop(store_id, None)
