@@ -11,7 +11,7 @@ from typing import Any
 
 from flashmemory.cluster.client import ClusterClient
 from flashmemory.cluster.launch import NAMESPACE, connect_workers
-from flashmemory.config import EngineConfig, LSAConfig, SamplingParams
+from flashmemory.config import BACKBONE_MODES, EngineConfig, LSAConfig, SamplingParams
 from flashmemory.types import Prompt, RequestOutput
 
 
@@ -47,16 +47,32 @@ class ClusterBackend:
     def run_modes(self, prompt: Prompt, sampling: SamplingParams,
                   configs: list[LSAConfig]) -> list[RequestOutput]:
         """One request per mode through the cluster (each re-prefills; modes run concurrently)."""
+        return self.run_batch([(prompt, sampling, configs)])[0]
+
+    def run_batch(self, items: list[tuple[Prompt, SamplingParams, list[LSAConfig]]],
+                  ) -> list[list[RequestOutput]]:
+        """Several samples at once, every mode of each: the client routes each request to the
+        least-loaded decode worker, so a batch spreads over all of them."""
+        for _, _, configs in items:
+            self.check(configs)
+
+        async def all_() -> list[RequestOutput]:
+            return await asyncio.gather(*(self.client.generate(p, s, c)
+                                          for p, s, configs in items for c in configs))
+
+        flat = iter(asyncio.run(all_()))
+        return [[next(flat) for _ in configs] for _, _, configs in items]
+
+    def check(self, configs: list[LSAConfig]) -> None:
+        """Modes the cluster cannot run fail before any request is sent."""
         for c in configs:
-            if c.mode == "oracle":
-                raise ValueError("the oracle mode is not available through the cluster; "
-                                 "run it with the single-process engine")
+            if c.mode in BACKBONE_MODES:
+                raise ValueError(f"the {c.mode} mode reads the backbone's attention and is not "
+                                 "available through the cluster; run it with the "
+                                 "single-process engine")
+            if c.indexer is not None and c.indexer != self.config.indexer:
+                raise ValueError(f"the cluster's indexer is {self.config.indexer!r}; a variant "
+                                 f"with indexer={c.indexer} needs the single-process engine")
             if c.chunk_size != self.config.lsa.chunk_size:
                 raise ValueError(f"the cluster runs chunk_size {self.config.lsa.chunk_size}; "
                                  f"got {c.chunk_size}")
-
-        async def all_() -> list[RequestOutput]:
-            return await asyncio.gather(*(self.client.generate(prompt, sampling, c)
-                                          for c in configs))
-
-        return asyncio.run(all_())

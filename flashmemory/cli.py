@@ -12,11 +12,19 @@ import os
 import shlex
 import sys
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flashmemory.config import ATTENTIONS, MODES, EngineConfig, LSAConfig, SamplingParams
+from flashmemory.config import (
+    ATTENTIONS,
+    BACKBONE_MODES,
+    MODES,
+    EngineConfig,
+    LSAConfig,
+    SamplingParams,
+    mode_variant,
+)
 from flashmemory.types import RequestOutput
 
 if TYPE_CHECKING:
@@ -76,10 +84,14 @@ def _lengths(value: str) -> tuple[int, ...]:
 
 
 def _modes(value: str) -> tuple[str, ...]:
-    bad = [m for m in _csv(value) if m not in MODES]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
-    return tuple(_csv(value))
+    """'full,lsa,lsa:budget=0.05' -> the specs, each parsed once to fail early."""
+    specs = tuple(_csv(value))
+    for spec in specs:
+        try:
+            mode_variant(spec, LSAConfig())
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return specs
 
 
 # -- parser -------------------------------------------------------------------------------------
@@ -112,7 +124,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Lookahead Sparse Attention inference.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,eval,serve,bench,indexer,loadtest,dashboards}")
+                                metavar="{generate,eval,report,serve,bench,indexer,loadtest,dashboards}")
     gen = sub.add_parser("generate", help="answer one prompt")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-file", help="file holding the prompt ('-' = stdin)")
@@ -132,8 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="run a long-context benchmark over LSA modes")
     ev.add_argument("--suite", default="ruler-niah",
-                    help="ruler-niah (the project's NIAH), ruler (RULER's 13 tasks), or corpus "
-                         "(documents of --corpus, up to max --lengths)")
+                    help="ruler-niah (the project's NIAH), ruler (RULER's 13 tasks), corpus "
+                         "(documents of --corpus, up to max --lengths), longbench-v2 or "
+                         "longmemeval (the official JSON in --data)")
+    ev.add_argument("--data", type=Path,
+                    help="suites longbench-v2 / longmemeval: the official data.json / "
+                         "longmemeval_{s,m,oracle}.json")
+    ev.add_argument("--judge-url", default=None,
+                    help="suite longmemeval: OpenAI-compatible judge endpoint, e.g. "
+                         "https://api.openai.com/v1 (default: the local fallback judge)")
+    ev.add_argument("--judge-model", default="gpt-4o-2024-08-06",
+                    help="suite longmemeval: the judge model (default: %(default)s)")
+    ev.add_argument("--judge-key-env", default="OPENAI_API_KEY",
+                    help="environment variable holding the judge's API key")
     ev.add_argument("--tasks", type=_csv, default=[],
                     help="suite ruler: tasks, e.g. niah_single_1,vt,cwe (default: all 13)")
     ev.add_argument("--haystack", type=Path,
@@ -144,8 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["train", "eval", "all"], default="eval",
                     help="suite corpus: which split (default: eval, the held-out families)")
     ev.add_argument("--lengths", type=_lengths, default=(4096, 8192), help="e.g. 4096,8k")
-    ev.add_argument("--modes", type=_modes, default=MODES, help="e.g. full,lsa,recency")
-    ev.add_argument("--samples", type=int, default=5, help="samples per length")
+    ev.add_argument("--modes", type=_modes, default=("full", "lsa", "recency", "random", "oracle"),
+                    help=f"modes ({', '.join(MODES)}) or variants MODE:key=value, e.g. "
+                         "full,lsa,lsa:budget=0.05,lsa:threshold=0.4:min_budget=0.02,"
+                         "lsa:indexer=runs/idx,snapkv,quest (default: %(default)s)")
+    ev.add_argument("--samples", type=int, default=5,
+                    help="samples per length (ruler: per task); longbench-v2 / longmemeval: "
+                         "the first N items, 0 = all")
+    ev.add_argument("--concurrency", type=int, default=None,
+                    help="samples in flight; with --cluster they spread over the decode "
+                         "workers (default: 1, with --cluster the number of decode workers)")
+    ev.add_argument("--resume", action="store_true",
+                    help="keep the samples already finished in --out and run the rest")
     ev.add_argument("--out", required=True, type=Path, help="output directory")
     ev.add_argument("--overwrite", action="store_true", help="replace existing results in --out")
     ev.add_argument("--max-tokens", type=int, default=None,
@@ -159,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "job) instead of loading the model here")
     _common(ev)
     ev.set_defaults(func=_cmd_eval)
+
+    rep = sub.add_parser("report", help="one report (paper table, plots) over eval runs")
+    rep.add_argument("runs", nargs="+", type=Path, help="output directories of flashmemory eval")
+    rep.add_argument("--out", required=True, type=Path, help="report directory")
+    rep.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    rep.add_argument("--debug", action="store_true", help="show tracebacks")
+    rep.set_defaults(func=_cmd_report)
 
     from flashmemory.cluster import serve_cli
 
@@ -285,10 +325,18 @@ def format_stats(out: RequestOutput) -> str:
 # -- eval ---------------------------------------------------------------------------------------
 def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     from flashmemory.evaluation.ruler import RulerSources
-    from flashmemory.evaluation.runner import RESULTS_FILE, EvalConfig, run_eval
+    from flashmemory.evaluation.runner import (
+        PARTS_DIR,
+        RESULTS_FILE,
+        EvalConfig,
+        JudgeConfig,
+        run_eval,
+    )
+    from flashmemory.indexer.neural import resolve_indexer
 
     try:
         lsa = _lsa(args, "lsa", args.seed)
+        judge = JudgeConfig(args.judge_url, args.judge_model, args.judge_key_env)
         ecfg = EvalConfig(out_dir=args.out, suite=args.suite, lengths=args.lengths,
                           modes=args.modes, samples=args.samples, seed=args.seed, lsa=lsa,
                           max_tokens=args.max_tokens, value_kinds=tuple(args.value_kinds),
@@ -296,24 +344,42 @@ def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
                           split=None if args.split == "all" else args.split,
                           tasks=tuple(args.tasks),
                           ruler=RulerSources(args.haystack, args.squad, args.hotpotqa),
-                          command=shlex.join([PROG, *argv]))
-        cfg = _engine(args, lsa, uses_indexer="lsa" in ecfg.modes)
+                          data=args.data, judge=judge, concurrency=args.concurrency or 1,
+                          resume=args.resume, command=shlex.join([PROG, *argv]))
+        variants = ecfg.mode_configs()
+        cfg = _engine(args, lsa, uses_indexer=any(v.mode == "lsa" for v in variants))
+        for v in variants:
+            if v.indexer is not None:
+                resolve_indexer(v.indexer)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    if (args.out / RESULTS_FILE).exists() and not args.overwrite:
-        raise UsageError(f"{args.out / RESULTS_FILE} exists; pass --overwrite to replace it")
+    done = [p for p in (args.out / RESULTS_FILE, args.out / PARTS_DIR) if p.exists()]
+    if done and not (args.overwrite or args.resume):
+        raise UsageError(f"{done[0]} exists; pass --resume to continue that run or "
+                         "--overwrite to replace it")
     if args.cluster:
         from flashmemory.cluster.eval_backend import ClusterBackend
 
-        if "oracle" in ecfg.modes:
-            raise UsageError("--cluster cannot run the oracle mode (it needs a full-attention "
-                             "trace); drop it from --modes")
+        backbone = [v for v in variants if v.mode in BACKBONE_MODES]
+        if backbone:
+            raise UsageError(f"--cluster cannot run the {backbone[0].mode} mode (it reads the "
+                             "backbone's attention); drop it from --modes")
         backend: Any = ClusterBackend.connect(args.cluster)
+        if args.concurrency is None:
+            ecfg = replace(ecfg, concurrency=len(backend.client.h.decodes))
     else:
         backend = _load(cfg)
     result = run_eval(backend, ecfg)
     print(result.table)
     print(f"\nresults: {result.results_path}\nsummary: {result.summary_path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
+    from flashmemory.evaluation import report
+
+    path = report.write_report(args.runs, args.out, command=shlex.join([PROG, *argv]))
+    print(path.read_text(encoding="utf-8"), end="")
     return 0
 
 

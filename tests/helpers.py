@@ -90,3 +90,65 @@ def write_hotpotqa(path: Path) -> Path:
                          [f"Other{i}", [f"Other{i} is a river."]]]} for i in range(6)]
     path.write_text(json.dumps(rows))
     return path
+
+
+def write_longbench(path: Path) -> Path:
+    """LongBench-v2 data.json layout: [{_id, domain, sub_domain, difficulty, length, question,
+    choice_A..choice_D, answer, context}]; item lb2's context (~8K tokens) must be truncated."""
+    filler = "The river flows past the old mill near the village. " * 400
+    specs = [("lb0", "easy", "short", "A", "Single-Document QA", "Academic",
+              "Oswin built the mill in 1820."),
+             ("lb1", "hard", "medium", "B", "Multi-Document QA", "Legal",
+              "Doc 1: the contract was signed.\nDoc 2: it was never paid."),
+             ("lb2", "hard", "long", "C", "Long In-context Learning", "Many-shot learning",
+              f"HEADMARK opens the text. {filler}MIDDLEMARK sits here. {filler}"
+              "TAILMARK closes the text."),
+             ("lb3", "easy", "long", "D", "Code Repository Understanding", "Code repo QA",
+              "  def f():\n    return 42\n  ")]
+    rows = [{"_id": i, "domain": dom, "sub_domain": sub, "difficulty": diff, "length": ln,
+             "question": f" Which choice is right for {i}? ", "choice_A": f"alpha {i}",
+             "choice_B": f"beta {i}", "choice_C": f"gamma {i}", "choice_D": f"delta {i}",
+             "answer": ans, "context": ctx}
+            for i, diff, ln, ans, dom, sub, ctx in specs]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def write_longmemeval(path: Path) -> Path:
+    """LongMemEval layout: [{question_id, question_type, question, answer, question_date,
+    haystack_session_ids, haystack_dates, haystack_sessions: [[{role, content, has_answer?}]],
+    answer_session_ids}]. Question 0 has 6 sessions with the evidence in the 5th; question 1
+    lists its sessions out of date order (as the oracle file does); question 4 is `_abs`."""
+    specs = [  # id, type, question, answer, sessions, evidence index, evidence, shuffled
+        ("lme-user-0", "single-session-user", "Which city did I move to?", "Paris", 6, 4,
+         "By the way, I finally moved to Paris last month.", False),
+        ("lme-temp-1", "temporal-reasoning", "How many days passed between my trip to Rome "
+         "and the concert?", 18, 3, 1, "I just got back from my trip to Rome.", True),
+        ("lme-ku-2", "knowledge-update", "What car do I drive now?", "a red Toyota Corolla", 3,
+         2, "I sold my old Honda and now drive a red Toyota Corolla.", False),
+        ("lme-multi-3", "multi-session", "How many bikes do I own?", 3, 2, 0,
+         "I bought a third bike, so now I own 3 bikes.", False),
+        ("lme-user-4_abs", "single-session-user", "What is my cat's name?",
+         "You did not mention having a cat; you mentioned a dog named Rex.", 2, 1,
+         "My dog Rex loves the park.", False),
+    ]
+    rows = []
+    for qid, qtype, question, answer, n, ev, evidence, shuffled in specs:
+        sessions, dates = [], [f"2023/05/{10 + 2 * k:02d} (Wed) 1{k}:30" for k in range(n)]
+        for k in range(n):
+            user = (f"Session {k} of {qid}: I spent the day sorting old photos and planning "
+                    f"meals for the week, topic number {k}. ")
+            turns = [{"role": "user", "content": user + (evidence if k == ev else "")},
+                     {"role": "assistant", "content": "That sounds lovely! " * 8 + f"({k})"}]
+            if k == ev:
+                turns[0]["has_answer"] = True
+            sessions.append(turns)
+        order = [n - 1, *range(n - 1)] if shuffled else list(range(n))
+        rows.append({"question_id": qid, "question_type": qtype, "question": question,
+                     "answer": answer, "question_date": "2023/06/01 (Thu) 09:00",
+                     "haystack_session_ids": [f"{qid}-s{k}" for k in order],
+                     "haystack_dates": [dates[k] for k in order],
+                     "haystack_sessions": [sessions[k] for k in order],
+                     "answer_session_ids": [f"{qid}-s{ev}"]})
+    path.write_text(json.dumps(rows))
+    return path

@@ -126,6 +126,8 @@ class NiahSample:
     length: int
     num_tokens: int
     needle_char_span: tuple[int, int]
+    tags: tuple[str, ...] = ()  # groups the summary reports accuracy by (e.g. easy, long)
+    question: str = ""  # the question alone, for suites whose scorer reads it (a judge)
 
 
 @dataclass(frozen=True)

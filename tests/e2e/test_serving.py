@@ -198,21 +198,29 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(server, body, s
 
 
 def test_eval_runs_through_the_live_cluster(server, llm: LLM, tmp_path) -> None:
+    """Samples run two at a time and spread over both decode workers; every byte the rows count
+    arrived at a decode worker; modes that need the backbone are refused before any request."""
     import pyarrow.parquet as pq
 
     from flashmemory.cluster.eval_backend import ClusterBackend
     from flashmemory.evaluation.runner import EvalConfig, run_eval
 
     backend = ClusterBackend(server[1], llm.tokenizer, llm.max_model_len)
-    cfg = EvalConfig(out_dir=tmp_path, lengths=(1024,), modes=("full", "lsa"), samples=2,
-                     max_tokens=16, value_kinds=("numbers",), lsa=LSAConfig(budget=0.1))
-    before = sum(d["bytes_received"] for d in _stats(server[1])["decode"])
+    cfg = EvalConfig(out_dir=tmp_path, lengths=(1024,), modes=("full", "lsa"), samples=4,
+                     max_tokens=16, value_kinds=("numbers",), lsa=LSAConfig(budget=0.1),
+                     concurrency=2)
+    before = [d["bytes_received"] for d in _stats(server[1])["decode"]]
     result = run_eval(backend, cfg, progress=False)
     rows = pq.read_table(result.results_path).to_pylist()
-    assert len(rows) == 4 and {r["mode"] for r in rows} == {"full", "lsa"}
-    moved = sum(r["kv_bytes_transferred"] for r in rows)
-    assert sum(d["bytes_received"] for d in _stats(server[1])["decode"]) - before == moved
+    assert len(rows) == 8 and {r["mode"] for r in rows} == {"full", "lsa"}
+    after = [d["bytes_received"] for d in _stats(server[1])["decode"]]
+    assert all(a > b for a, b in zip(after, before, strict=True))  # both workers decoded
+    assert sum(after) - sum(before) == sum(r["kv_bytes_transferred"] for r in rows)
     assert "lsa" in result.summary_path.read_text()
+    for mode in ("snapkv", "quest", "oracle"):
+        with pytest.raises(ValueError, match=f"the {mode} mode reads the backbone"):
+            run_eval(backend, EvalConfig(out_dir=tmp_path / mode, lengths=(1024,), samples=1,
+                                         modes=("full", mode)), progress=False)
 
 
 def test_metrics_exported_from_every_actor(server, oai) -> None:

@@ -19,17 +19,9 @@ import pyarrow.parquet as pq
 from flashmemory.config import LSAConfig
 from flashmemory.engine import LLM
 from flashmemory.evaluation.niah import generate_niah
-from flashmemory.evaluation.runner import (
-    SCHEMA,
-    EvalConfig,
-    EvalResult,
-    _plan,
-    check_lengths,
-    format_table,
-    run_eval,
-    summarize,
-    tokenize_sample,
-)
+from flashmemory.evaluation.report import format_table, summarize
+from flashmemory.evaluation.runner import SCHEMA, EvalConfig, EvalResult, run_eval
+from flashmemory.evaluation.suites import build_plan, check_lengths, tokenize_sample
 from flashmemory.types import PromptTooLongError
 
 MODES = ("full", "lsa", "recency")
@@ -89,7 +81,7 @@ def test_footprints(result: EvalResult) -> None:
 def test_summary(result: EvalResult) -> None:
     text = result.summary_path.read_text()
     assert result.table in text and "Δ vs full" in text and "- command: `pytest`" in text
-    table_rows = result.table.splitlines()[2:]
+    table_rows = result.table.split("\n\n")[0].splitlines()[2:]
     assert len(table_rows) == len(MODES)
     for mode, line in zip(MODES, table_rows, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -111,8 +103,8 @@ def test_prompt_has_no_duplicated_special_tokens(llm: LLM) -> None:
 def test_warns_when_answers_cannot_fit(llm: LLM, tmp_path: Path,
                                        caplog: pytest.LogCaptureFixture) -> None:
     cfg = EvalConfig(out_dir=tmp_path, lengths=(512,), samples=2, max_tokens=16)
-    with caplog.at_level(logging.WARNING, logger="flashmemory.evaluation.runner"):
-        plan = _plan(llm, cfg)
+    with caplog.at_level(logging.WARNING, logger="flashmemory.evaluation.suites"):
+        plan = build_plan(llm, cfg)
     assert len(plan) == 2 and "raise --max-tokens" in caplog.text
     assert not list(tmp_path.iterdir())
 
@@ -127,7 +119,13 @@ def test_too_long_length_fails_before_work(llm: LLM, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"suite": "mmlu"}, "unknown suite"),
-    ({"modes": ("full", "fast")}, "modes must be"),
+    ({"modes": ("full", "fast")}, "unknown mode 'fast'"),
+    ({"modes": ("full", "lsa:budget=x")}, "bad value 'x' for budget"),
+    ({"modes": ("lsa:speed=2",)}, "bad mode option"),
+    ({"modes": ("recency:indexer=x",)}, "only mode lsa takes an indexer"),
+    ({"suite": "longbench-v2"}, "needs --data"),
+    ({"suite": "longmemeval", "data": "/nonexistent.json"}, "no such file"),
+    ({"concurrency": 0}, "concurrency must be"),
     ({"modes": ("full", "full")}, "modes must be"),
     ({"samples": 0}, "samples must be"),
     ({"lengths": ()}, "lengths must be"),
@@ -201,3 +199,93 @@ def test_ruler_suite_runs_tasks_with_their_own_token_counts(llm: LLM, tmp_path: 
     assert full["niah_single_1"] == 1.0  # SmolLM2 finds a single needle at 1K
     summary = res.summary_path.read_text()
     assert "| 1024 | vt | 1 |" in summary and "**average**" in summary
+
+
+class _Counting:
+    """The real engine, counting the samples it decodes (to see what a resume skips)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm, self.calls = llm, 0
+        self.tokenizer, self.max_model_len, self.config = llm.tokenizer, llm.max_model_len, \
+            llm.config
+
+    def run_modes(self, *args: Any) -> Any:
+        self.calls += 1
+        return self.llm.run_modes(*args)
+
+
+def test_baselines_and_variants_in_one_run(llm: LLM, tmp_path: Path) -> None:
+    """One prefill, every kind of row: full, neural LSA at two budgets and with an explicitly
+    named indexer, an adaptive (threshold) variant, and the backbone baselines SnapKV and Quest."""
+    from flashmemory.indexer.neural import resolve_indexer
+
+    other = f"lsa:indexer={resolve_indexer('minilm')}"  # a second encoder, loaded from its path
+    modes = ("full", "lsa", "lsa:budget=0.3", other, "lsa:threshold=0.2:min_budget=0.05",
+             "snapkv", "quest")
+    cfg = EvalConfig(out_dir=tmp_path, lengths=(1024,), modes=modes, samples=1, max_tokens=8,
+                     value_kinds=("numbers",), lsa=LSAConfig(budget=0.1, chunk_size=64))
+    rows = run_eval(llm, cfg, progress=False).rows
+    by = {r["mode"]: r for r in rows}
+    assert list(by) == list(modes)
+    assert [by[m]["method"] for m in modes] == ["full", "lsa", "lsa", "lsa", "lsa", "snapkv",
+                                                "quest"]
+    assert by["lsa:budget=0.3"]["budget"] == 0.3 and by["lsa"]["budget"] == 0.1
+    assert by[other]["indexer"] == str(resolve_indexer("minilm")) and by["lsa"]["indexer"] is None
+    assert by["lsa:threshold=0.2:min_budget=0.05"]["threshold"] == 0.2
+    # the same weights at the same budget select what the default encoder does
+    assert len(llm._indexers) == 2
+    assert by[other]["chunks_selected"] == by["lsa"]["chunks_selected"]
+    assert by["lsa:budget=0.3"]["chunks_selected"] > by["lsa"]["chunks_selected"] > 0
+    for m in ("snapkv", "quest"):  # backbone baselines keep the same budget as lsa
+        assert by[m]["chunks_selected"] == by["lsa"]["chunks_selected"]
+        assert 0 < by[m]["kv_footprint_mean"] < 1.0
+    assert not llm._keys and all(not i._chunks for i in llm._indexers.values())
+
+
+def test_resume_skips_finished_samples(llm: LLM, tmp_path: Path) -> None:
+    base = dict(out_dir=tmp_path, lengths=(1024,), modes=("full", "recency"), max_tokens=8,
+                value_kinds=("numbers",), lsa=LSAConfig(budget=0.1, chunk_size=64))
+    first = run_eval(llm, EvalConfig(samples=1, **base), progress=False)
+    counting = _Counting(llm)
+    second = run_eval(counting, EvalConfig(samples=3, resume=True, **base), progress=False)
+    assert counting.calls == 2  # samples 2 and 3 only
+    assert len(second.rows) == 6 and second.rows[:2] == first.rows
+    assert len(list((tmp_path / "parts").glob("part-*.parquet"))) == 3
+    again = _Counting(llm)
+    run_eval(again, EvalConfig(samples=3, resume=True, **base), progress=False)
+    assert again.calls == 0
+    with pytest.raises(ValueError, match=r"cannot resume .* different modes"):
+        run_eval(llm, EvalConfig(samples=3, resume=True, **{**base, "modes": ("full",)}),
+                 progress=False)
+    fresh = _Counting(llm)  # no resume: the parts are cleared and everything runs again
+    run_eval(fresh, EvalConfig(samples=1, **base), progress=False)
+    assert fresh.calls == 1 and len(list((tmp_path / "parts").iterdir())) == 1
+
+
+def test_longbench_and_longmemeval_suites_with_reports(llm: LLM, tmp_path: Path) -> None:
+    """Both file suites on fixtures in the official layouts through the real engine: rows carry
+    the groups, the summaries have the per-group and paper tables, plots are real PNGs; then
+    `flashmemory report` joins the two runs."""
+    from flashmemory.cli import main
+    from tests.helpers import write_longbench, write_longmemeval
+
+    runs = {"longbench-v2": write_longbench(tmp_path / "data.json"),
+            "longmemeval": write_longmemeval(tmp_path / "longmemeval_s.json")}
+    for suite, data in runs.items():
+        cfg = EvalConfig(out_dir=tmp_path / suite, suite=suite, data=data, lengths=(1024,),
+                         modes=("full", "lsa"), samples=2, max_tokens=12,
+                         lsa=LSAConfig(budget=0.2, chunk_size=64))
+        res = run_eval(llm, cfg, progress=False)
+        assert len(res.rows) == 4 and all(r["prompt_tokens"] <= 1024 - 12 for r in res.rows)
+        assert all(r["tags"] and r["score"] in (0.0, 1.0) for r in res.rows)
+        summary = res.summary_path.read_text()
+        assert "| 1024 | overall | 2 |" in summary and f"| {suite} @ 1K |" in summary
+        for png in ("accuracy_vs_footprint.png", "footprint_vs_length.png"):
+            assert (tmp_path / suite / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lb = pq.read_table(tmp_path / "longbench-v2" / "results.parquet").to_pylist()
+    assert {t for r in lb for t in r["tags"]} <= {"easy", "hard", "short", "medium", "long"}
+    assert main(["report", str(tmp_path / "longbench-v2"), str(tmp_path / "longmemeval"),
+                 "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| longbench-v2 @ 1K |" in text and "| longmemeval @ 1K |" in text
+    assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 1
