@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", type=_csv, default=[],
                     help="suite ruler: tasks, e.g. niah_single_1,vt,cwe (default: all 13)")
     ev.add_argument("--haystack", type=Path,
-                    help="suite ruler: plain-text essay haystack (default: procedural prose)")
+                    help="suite ruler: essay haystack, a text file or a directory of .txt/.html "
+                         "(e.g. /usr/share/doc/python3-doc/html; default: procedural prose)")
     ev.add_argument("--squad", type=Path, help="suite ruler: SQuAD JSON for qa_1")
     ev.add_argument("--hotpotqa", type=Path, help="suite ruler: HotpotQA JSON for qa_2")
     ev.add_argument("--corpus", type=Path, help="suite corpus: a corpus Parquet file")

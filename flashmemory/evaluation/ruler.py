@@ -111,7 +111,8 @@ class QaDataMissing(ValueError):
 
 @dataclass(frozen=True)
 class RulerSources:
-    """User-provided text: an essay haystack (plain text) and the QA datasets' JSON files
+    """User-provided text: an essay haystack (a plain-text file, or a directory of .txt / .html
+    files read in name order, e.g. Debian python3-doc's HTML) and the QA datasets' JSON files
     (SQuAD v2 ``dev-v2.0.json`` layout, HotpotQA ``hotpot_dev_distractor_v1.json`` layout)."""
 
     haystack: Path | None = None
@@ -198,7 +199,16 @@ def essay_words(count: int, haystack: Path | None) -> list[str]:
 
 @cache
 def _text_words(path: str) -> tuple[str, ...]:
-    return tuple(Path(path).read_text(encoding="utf-8").split())
+    from flashmemory.indexer.corpus import html_to_text
+
+    root = Path(path)
+    if root.is_file():
+        return tuple(root.read_text(encoding="utf-8").split())
+    words: list[str] = []
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".txt", ".html", ".htm")):
+        raw = f.read_text(encoding="utf-8", errors="replace")
+        words.extend((raw if f.suffix == ".txt" else html_to_text(raw)).split())
+    return tuple(words)
 
 
 def split_sentences(text: str) -> list[str]:

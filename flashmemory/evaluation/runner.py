@@ -138,8 +138,10 @@ class EvalConfig:
         if unknown:
             raise ValueError(f"unknown RULER task(s) {', '.join(unknown)}; choose from "
                              f"{', '.join(RULER_TASKS)}")
-        for name, path in (("haystack", self.ruler.haystack), ("squad", self.ruler.squad),
-                           ("hotpotqa", self.ruler.hotpotqa), ("data", self.data)):
+        if self.ruler.haystack is not None and not Path(self.ruler.haystack).exists():
+            raise ValueError(f"--haystack {self.ruler.haystack}: no such file or directory")
+        for name, path in (("squad", self.ruler.squad), ("hotpotqa", self.ruler.hotpotqa),
+                           ("data", self.data)):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"--{name} {path}: no such file")
         if files and self.data is None:

@@ -128,6 +128,18 @@ def test_essay_haystack_comes_from_the_users_text(tok, tmp_path: Path) -> None:
     assert "Keepers trim the wicks." in s.context
 
 
+def test_essay_haystack_from_a_directory_of_html_and_text(tok, tmp_path: Path) -> None:
+    """A natural-text haystack built offline: pages of a documentation tree, tags stripped."""
+    docs = tmp_path / "html"
+    (docs / "lib").mkdir(parents=True)
+    (docs / "a.html").write_text("<html><script>var x;</script><p>Tuples are immutable "
+                                 "sequences.</p></html>" * 40)
+    (docs / "lib" / "b.txt").write_text("Dictionaries map keys to values. " * 40)
+    (s,) = generate_ruler(tok, "niah_single_2", 1024, 1, sources=RulerSources(haystack=docs))
+    assert "Tuples are immutable sequences." in s.context and "<p>" not in s.context
+    assert "var x" not in s.context and "Dictionaries map keys to values." in s.context
+
+
 def test_unknown_task_and_too_small_length(tok) -> None:
     with pytest.raises(ValueError, match="unknown RULER task"):
         generate_ruler(tok, "niah_single_9", 1024, 1)
