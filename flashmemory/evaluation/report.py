@@ -186,10 +186,11 @@ def plot(rows: Rows, out_dir: Path) -> list[Path]:
     nrows = -(-len(tasks) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
     for ax, task in zip(axes.flat, tasks, strict=False):
-        for m in modes:
-            g = [r for r in rows if (r["task"] or r["suite"]) == task and r["mode"] == m]
-            if g:
-                ax.scatter(100 * _mean(g, "kv_footprint_mean"), 100 * _mean(g, "score"), label=m)
+        at = [r for r in rows if (r["task"] or r["suite"]) == task]
+        for name, labels in _series(at).items():  # budget variants of a selector: one line
+            pts = sorted((100 * _mean(g, "kv_footprint_mean"), 100 * _mean(g, "score"))
+                         for m in labels if (g := [r for r in at if r["mode"] == m]))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax.set(title=task, xlabel="mean KV footprint (%)", ylabel="accuracy (%)", ylim=(-5, 105))
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
@@ -207,6 +208,22 @@ def plot(rows: Rows, out_dir: Path) -> list[Path]:
     fig.tight_layout()
     written.append(_save(fig, out_dir / "footprint_vs_length.png"))
     return written
+
+
+def _series(rows: Rows) -> dict[str, list[str]]:
+    """Mode labels grouped by selector (method, indexer, fixed or threshold budget), so that
+    the budget variants of one selector draw one accuracy-vs-footprint curve."""
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        name = r.get("method") or r["mode"]
+        if r.get("indexer"):
+            name += f" [{Path(r['indexer']).name}]"
+        if r.get("threshold") is not None:
+            name += " (threshold)"
+        labels = out.setdefault(name, [])
+        if r["mode"] not in labels:
+            labels.append(r["mode"])
+    return out
 
 
 def _save(fig: Any, path: Path) -> Path:
