@@ -187,7 +187,7 @@ def run_eval(llm: LLM | Any, cfg: EvalConfig, *, progress: bool = True) -> EvalR
     if hasattr(llm, "check"):  # the cluster refuses modes it cannot run, before any work
         llm.check(configs)
     plan = suites.build_plan(llm, cfg)  # all prompts first: bad inputs fail before decoding
-    parts = _open_parts(cfg)
+    parts = _open_parts(cfg, llm.config.model)
     todo = [(s, p) for s, p in plan if not (parts / _part_name(s)).exists()]
     if len(todo) < len(plan):
         logger.info("resuming: %d of %d samples already done", len(plan) - len(todo), len(plan))
@@ -231,21 +231,21 @@ def finish(cfg: EvalConfig, samples: Sequence[NiahSample], *, model: str) -> Eva
     return EvalResult(rows, results_path, summary_path, table)
 
 
-def _open_parts(cfg: EvalConfig) -> Path:
+def _open_parts(cfg: EvalConfig, model: str) -> Path:
     """The parts directory: checked against run.json when resuming, emptied otherwise."""
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     parts, run_file = cfg.out_dir / PARTS_DIR, cfg.out_dir / RUN_FILE
+    now = {**cfg.identity(), "model": model}
     if cfg.resume and run_file.exists():
         before = json.loads(run_file.read_text())
-        diff = sorted(k for k in set(before) | set(cfg.identity())
-                      if before.get(k) != cfg.identity().get(k))
+        diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if diff:
             raise ValueError(f"cannot resume {cfg.out_dir}: it was run with different "
                              f"{', '.join(diff)} (start a new --out, or --overwrite)")
     elif parts.exists():
         shutil.rmtree(parts)
     parts.mkdir(exist_ok=True)
-    run_file.write_text(json.dumps(cfg.identity(), indent=1))
+    run_file.write_text(json.dumps(now, indent=1))
     return parts
 
 
