@@ -152,3 +152,85 @@ def write_longmemeval(path: Path) -> Path:
                      "answer_session_ids": [f"{qid}-s{ev}"]})
     path.write_text(json.dumps(rows))
     return path
+
+
+# --- DeepSeek-V4: tiny random checkpoints and the quantized formats the reference declares ---
+
+TINY_DSV4 = dict(
+    vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
+    num_attention_heads=4, head_dim=32, q_lora_rank=48, partial_rotary_factor=0.25,
+    layer_types=["sliding_attention", "compressed_sparse_attention",
+                 "heavily_compressed_attention", "compressed_sparse_attention"],
+    mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 32},
+    n_routed_experts=4, num_experts_per_tok=2, hc_mult=4, sliding_window=32, o_groups=2,
+    o_lora_rank=16, index_n_heads=8, index_head_dim=16, index_topk=8,
+    num_nextn_predict_layers=0, max_position_embeddings=4096,
+    rope_parameters={"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 64,
+                     "beta_fast": 32, "beta_slow": 1})
+
+
+def save_tiny_dsv4(path: Path, **extra: object):
+    """Save a tiny random transformers DeepseekV4ForCausalLM (fp32) to ``path``; return it.
+
+    Parameters the HF init leaves at constants (norm weights, sinks, position biases, mHC
+    bias/scale, router correction bias, the all-zero hash table) are randomised, so a mix-up of
+    any of them shows in the logits.
+    """
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepseekV4ForCausalLM(DeepseekV4Config(**{**TINY_DSV4, **extra})).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1 or "position_bias" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            elif "hc" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        cfg = model.config
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):
+                rows = [torch.randperm(cfg.n_routed_experts, generator=g)[:cfg.num_experts_per_tok]
+                        for _ in range(b.shape[0])]
+                b.copy_(torch.stack(rows))
+            elif name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    model.save_pretrained(path)
+    return model
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int],
+                        ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (R, C) -> float8_e4m3fn weight and its inverse scales (ceil(R/bm), ceil(C/bn)): fp32,
+    or powers of two as float8_e8m0fnu when ``ue8m0`` (DeepSeek-V4-Flash's format)."""
+    bm, bn = block
+    rows, cols = w.shape
+    sr, sc = -(-rows // bm), -(-cols // bn)
+    padded = torch.zeros(sr * bm, sc * bn)
+    padded[:rows, :cols] = w
+    amax = padded.view(sr, bm, sc, bn).abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    inv = amax / torch.finfo(torch.float8_e4m3fn).max
+    if ue8m0:
+        inv = torch.exp2(torch.ceil(torch.log2(inv)))
+    full = inv.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:rows, :cols]
+    q = (w / full).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, inv.to(torch.float8_e8m0fnu) if ue8m0 else inv
+
+
+_FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def quantize_fp4_rows(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (R, C) -> e2m1 codes packed two per int8 byte (low nibble first) (R, C/2) and
+    power-of-two scales (R, C/group) as float8_e8m0fnu."""
+    rows, cols = w.shape
+    amax = w.view(rows, cols // group, group).abs().amax(-1).clamp(min=1e-12)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / 6.0)))
+    v = w / scale.repeat_interleave(group, 1)
+    code = (v.abs()[..., None] - _FP4_GRID).abs().argmin(-1) + 8 * (v < 0).long()
+    code = code.view(rows, cols // 2, 2)
+    packed = (code[..., 0] | (code[..., 1] << 4)).to(torch.uint8).view(torch.int8)
+    return packed, scale.to(torch.float8_e8m0fnu)
