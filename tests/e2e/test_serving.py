@@ -223,6 +223,23 @@ def test_eval_runs_through_the_live_cluster(server, llm: LLM, tmp_path) -> None:
                                          modes=("full", mode)), progress=False)
 
 
+def test_longmemeval_judge_talks_to_a_live_openai_compatible_server(server) -> None:
+    """The LongMemEval judge client against this project's own OpenAI-compatible endpoint (the
+    official protocol's GPT-4o is out of reach here): a real chat completion, a yes/no verdict,
+    and a clear error for a model the server does not serve."""
+    from flashmemory.evaluation.longmemeval import OpenAIJudge
+    from flashmemory.evaluation.niah import NiahSample
+
+    sample = NiahSample("q1", "", "", ("Paris",), "single-session-user", 0.0,
+                        "single-session-user", 1024, 0, (0, 0), ("single-session-user",),
+                        "Where did I move last year?")
+    judge = OpenAIJudge(f"{server[0]}/v1", MODEL, timeout=120)
+    assert judge(sample, "You moved to Paris.") in (True, False)
+    assert judge.complete("Reply with one word: yes or no?")  # a non-empty reply
+    with pytest.raises(RuntimeError, match="HTTP 404"):
+        OpenAIJudge(f"{server[0]}/v1", "gpt-4o", timeout=60)(sample, "Paris")
+
+
 def test_metrics_exported_from_every_actor(server, oai) -> None:
     """After real traffic, Ray's Prometheus endpoint carries the ingress and worker metrics."""
     oai.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
