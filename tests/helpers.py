@@ -234,3 +234,11 @@ def quantize_fp4_rows(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, t
     code = code.view(rows, cols // 2, 2)
     packed = (code[..., 0] | (code[..., 1] << 4)).to(torch.uint8).view(torch.int8)
     return packed, scale.to(torch.float8_e8m0fnu)
+
+
+def tiny_dsv4(path: Path, **extra: object):
+    """Our DeepSeek-V4 model (fp32) on the tiny random checkpoint ``save_tiny_dsv4`` writes."""
+    from flashmemory.model.deepseek_v4 import load_deepseek_v4
+
+    save_tiny_dsv4(path, **extra)
+    return load_deepseek_v4(path)

@@ -31,7 +31,8 @@ class IndexerTrace:
     """What the CSA layers' lightning indexers chose in one forward (for tests, LSA labels).
 
     ``topk[layer]`` (T, k) int64 global entry indices (-1: no pick); ``scores[layer]`` (T, E)
-    fp32 masked scores (non-visible / non-resident entries at -inf), kept if ``keep_scores``.
+    fp32 masked scores by global entry index (non-visible / non-resident entries at -inf), kept
+    if ``keep_scores``. Each forward overwrites the previous one's layers.
     """
 
     keep_scores: bool = False
@@ -142,15 +143,17 @@ class Attention(nn.Module):
         cache.entries.append(new, pos, new_keys)
         if cache.entries.count == 0:
             return
-        scores = self.indexer.scores(x, q_res, step.rope["compress"],
-                                     cache.entries.valid_index_keys)
-        picked, valid, masked = self.indexer.select(scores, step.positions,
-                                                    step.resident.get(self.layer))
+        entries = cache.entries
+        ids = entries.valid_ids  # (R,) global index of each held row (all entries unless LSA)
+        scores = self.indexer.scores(x, q_res, step.rope["compress"], entries.valid_index_keys)
+        rows, valid, masked = self.indexer.select(scores, step.positions,
+                                                  step.resident.get(self.layer), ids)
         if step.trace is not None:
-            step.trace.topk[self.layer] = picked
-            if step.trace.keep_scores:
-                step.trace.scores[self.layer] = masked
-        keys.picked = cache.entries.valid_kv[picked.clamp(min=0)]  # (T, k, D)
+            step.trace.topk[self.layer] = torch.where(valid, ids[rows.clamp(min=0)], -1)
+            if step.trace.keep_scores:  # (T, total) by global index, -inf where not held
+                full = masked.new_full((masked.shape[0], entries.total), float("-inf"))
+                step.trace.scores[self.layer] = full.index_copy_(1, ids, masked)
+        keys.picked = entries.valid_kv[rows.clamp(min=0)]  # (T, k, D)
         keys.picked_mask = valid
 
     def _attend(self, q: torch.Tensor, keys: _Keys) -> torch.Tensor:

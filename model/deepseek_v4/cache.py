@@ -5,6 +5,8 @@ Created by ``DeepseekV4ForCausalLM.new_cache``; read and appended by ``attention
 positions. Compressed entries are stored in emission order, so entry ``i`` of a layer is row ``i``
 of its store and covers the tokens from position ``i * ratio`` on; a CSA "page" is
 ``CSA_PAGE_ENTRIES`` consecutive entries (256 tokens at ratio 4), the unit LSA keeps resident.
+On LSA's decode side CSA layers use a ``ResidentEntryStore`` instead: only the resident pages'
+entries, compact, each row tagged with its global entry index (``model.deepseek_v4.pages``).
 """
 
 from __future__ import annotations
@@ -78,9 +80,12 @@ class EntryStore:
             self.index_keys[self.count:end] = index_keys
         self.count = end
 
-    def _grow(self, need: int) -> None:
+    def _capacity(self, need: int) -> int:
         # Double the capacity so appending one entry per `ratio` decode steps stays amortised O(1).
-        cap = max(need, 2 * self.kv.shape[0], 16)
+        return max(need, 2 * self.kv.shape[0], 16)
+
+    def _grow(self, need: int) -> None:
+        cap = self._capacity(need)
 
         def grown(t: torch.Tensor) -> torch.Tensor:
             out = t.new_zeros((cap, *t.shape[1:]))
@@ -99,6 +104,89 @@ class EntryStore:
     def valid_index_keys(self) -> torch.Tensor:
         assert self.index_keys is not None
         return self.index_keys[: self.count]
+
+    @property
+    def total(self) -> int:
+        """Entries emitted so far (global indices [0, total)); all of them are held here."""
+        return self.count
+
+    @property
+    def valid_ids(self) -> torch.Tensor:
+        """(count,) int64 global entry index of each valid row: row i is entry i here."""
+        return torch.arange(self.count, device=self.kv.device)
+
+
+@dataclass
+class ResidentEntryStore(EntryStore):
+    """A decode-side CSA entry store holding only some entries (LSA's resident pages), compactly.
+
+    Rows [0, count) are valid and sorted by global entry index ``ids`` (count,) int64, so the
+    indexer's stable top-k breaks ties as over the full store. ``total`` counts every entry the
+    request has, held or not; ``append`` (decode) gives new entries the next global indices.
+    Capacity is ``count`` rounded up to a multiple of ``block`` rows: memory follows residency.
+    Filled by ``model.deepseek_v4.pages`` (``fetch_pages`` / ``evict_pages``).
+    """
+
+    ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    num_total: int = 0
+    block: int = CSA_PAGE_ENTRIES
+
+    def append(self, kv: torch.Tensor, positions: torch.Tensor,
+               index_keys: torch.Tensor | None = None) -> None:
+        n, start = kv.shape[0], self.count
+        super().append(kv, positions, index_keys)
+        self.ids[start:self.count] = self.num_total + torch.arange(n, device=self.ids.device)
+        self.num_total += n
+
+    def insert(self, kv: torch.Tensor, positions: torch.Tensor, index_keys: torch.Tensor,
+               ids: torch.Tensor) -> None:
+        """Add entries (n, D), (n,), (n, Di) with global indices ids (n,) not held yet."""
+        if torch.isin(ids, self.valid_ids).any() or ids.unique().numel() != ids.numel():
+            raise ValueError("entries inserted twice into the resident store")
+        if ids.numel() and int(ids.max()) >= self.num_total:
+            raise ValueError(f"entry index {int(ids.max())} >= the request's {self.num_total}")
+        assert self.index_keys is not None
+        all_ids = torch.cat([self.valid_ids, ids.to(self.ids.device)])
+        order = all_ids.argsort(stable=True)
+        self._rebuild(order, all_ids,
+                      torch.cat([self.valid_kv, kv.to(self.kv)]),
+                      torch.cat([self.positions[: self.count], positions.to(self.positions)]),
+                      torch.cat([self.valid_index_keys, index_keys.to(self.index_keys)]))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the valid rows where rows (count,) bool is True; capacity shrinks."""
+        assert rows.shape == (self.count,) and self.index_keys is not None
+        order = rows.nonzero().flatten()
+        self._rebuild(order, self.valid_ids, self.valid_kv, self.positions[: self.count],
+                      self.valid_index_keys)
+
+    def _rebuild(self, order: torch.Tensor, ids: torch.Tensor, kv: torch.Tensor,
+                 positions: torch.Tensor, index_keys: torch.Tensor) -> None:
+        n = order.numel()
+        cap = self._capacity(n)
+
+        def fitted(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros((cap, *t.shape[1:]))
+            out[:n] = t[order]
+            return out
+
+        self.kv, self.positions, self.index_keys = fitted(kv), fitted(positions), fitted(index_keys)
+        self.ids, self.count = fitted(ids), n
+
+    def _capacity(self, need: int) -> int:
+        return -(-need // self.block) * self.block  # whole pages: no doubling past residency
+
+    def _grow(self, need: int) -> None:
+        super()._grow(need)
+        self.ids = torch.cat([self.ids, self.ids.new_zeros(self.kv.shape[0] - self.ids.shape[0])])
+
+    @property
+    def total(self) -> int:
+        return self.num_total
+
+    @property
+    def valid_ids(self) -> torch.Tensor:
+        return self.ids[: self.count]
 
 
 @dataclass
@@ -126,7 +214,13 @@ class DSV4Cache:
                     for i in range(cfg.num_hidden_layers)])
 
     def num_entries(self, layer: int) -> int:
-        """Compressed entries held by ``layer`` (0 for sliding-only layers)."""
+        """Compressed entries ``layer`` has emitted, i.e. its global entry indices [0, n) (0 for
+        sliding-only layers); a ``ResidentEntryStore`` holds only some of them."""
+        entries = self.layers[layer].entries
+        return 0 if entries is None else entries.total
+
+    def num_resident(self, layer: int) -> int:
+        """Compressed entries ``layer`` holds here (= ``num_entries`` unless LSA evicted some)."""
         entries = self.layers[layer].entries
         return 0 if entries is None else entries.count
 

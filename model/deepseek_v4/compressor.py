@@ -102,24 +102,30 @@ class Indexer(nn.Module):
         weights = self.weights_proj(x).float() * self.n_heads**-0.5  # (T, Hi)
         return (per_head * weights[..., None]).sum(dim=1)
 
-    def select(self, scores: torch.Tensor, positions: torch.Tensor,
-               resident: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def select(self, scores: torch.Tensor, positions: torch.Tensor, resident: torch.Tensor | None,
+               ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Top-k entries per query among the visible ones.
 
-        Returns indices (T, k), valid (T, k) and the scores with what could not be picked at -inf.
+        scores (T, R) are over the rows of an entry store whose global entry indices are ``ids``
+        (R,) int64, sorted (None: row r is entry r, the full store). Returns row indices (T, k),
+        valid (T, k) and the scores with what could not be picked at -inf.
 
         Query t sees entry s once s's window is closed: s < (t + 1) // ratio. ``resident``
-        (bool (n,), n <= E) drops entries s < n that are not resident; entries past n (emitted
-        after the mask was made) count as resident. Indices are global entry indices; when fewer
-        than k entries are visible the tail picks are invalid (index -1). Ties go to the lower
-        index (stable sort), so a prefill and the same tokens decoded one by one agree.
+        (bool (n,), by global index) drops entries s < n that are not resident; entries past n
+        (emitted after the mask was made) count as resident. When fewer than k entries are
+        visible the tail picks are invalid (row -1). Ties go to the lower index (stable sort over
+        rows sorted by global index), so a prefill and the same tokens decoded one by one agree,
+        and a store holding a subset picks as the full store would among that subset.
         """
         num = scores.shape[1]
-        idx = torch.arange(num, device=scores.device)
-        visible = idx[None, :] < ((positions + 1) // self.ratio)[:, None]  # (T, E)
+        if ids is None:
+            ids = torch.arange(num, device=scores.device)
+        visible = ids[None, :] < ((positions + 1) // self.ratio)[:, None]  # (T, R)
         if resident is not None:
+            resident = resident.to(scores.device)
+            inside = ids < resident.shape[0]
             keep = torch.ones(num, dtype=torch.bool, device=scores.device)
-            keep[: resident.shape[0]] = resident.to(scores.device)
+            keep[inside] = resident[ids[inside]]
             visible = visible & keep[None, :]
         k = min(self.topk, num)
         masked = scores.masked_fill(~visible, float("-inf"))
