@@ -242,3 +242,14 @@ def tiny_dsv4(path: Path, **extra: object):
 
     save_tiny_dsv4(path, **extra)
     return load_deepseek_v4(path)
+
+
+def sharpen_dsv4_indexer(model, factor: float) -> None:
+    """Scale every CSA layer's lightning-indexer head weights by ``factor`` > 0: the indexer's
+    scores scale by it, so its top-k (and the model's outputs) stay the same while its softmax
+    sharpens. Random tiny weights give a nearly uniform softmax, where the lookahead label's
+    top-p nucleus spans every page; sharpened, the label picks some pages only."""
+    with torch.no_grad():
+        for block in model.layers:
+            if block.attn.indexer is not None:
+                block.attn.indexer.weights_proj.weight.mul_(factor)

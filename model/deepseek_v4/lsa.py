@@ -9,14 +9,18 @@ re-plan the resident pages at step 0 and every ``repredict_every`` steps (sink p
 tail, the open partial page and pages decode writes, plus the selector's top pages under the
 budget), evict the dropped pages and fetch the new ones. Selectors are
 ``flashmemory.indexer.base.Selector``s with pages as chunks (``FullSelector`` and
-``RecencySelector`` of ``indexer.selectors``; ``oracle.NativeOracleSelector``).
+``RecencySelector`` of ``indexer.selectors``; ``oracle.NativeOracleSelector``); a
+``HiddenStateSelector`` (``latent_indexer.LatentSelector``) is also handed the CSA layers'
+attention inputs at the last token processed (``HiddenTap``) before each re-prediction.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -61,6 +65,8 @@ class Prefilled:
     request: str
     cache: DSV4Cache  # full cache after the prompt; decode_full / LSADecoder work on copies
     logits: torch.Tensor  # (vocab,) fp32 at the last prompt token
+    # CSA layer -> (hidden,) its attention input at the last prompt token (HiddenTap)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,14 +123,66 @@ class DecodeRun:
     stats: LSAStats | None = None  # LSA runs only
 
 
+class HiddenTap:
+    """While active (``with HiddenTap(model, layers) as tap``), records each forward's last-token
+    input to the given layers' attention: ``x`` of ``Attention.forward``, the normalised block
+    input that the native lightning indexer also reads. ``latest[layer]`` (hidden,) is the last
+    forward's; with ``history`` every forward's ``latest`` is appended to ``history`` too.
+    Forward pre-hooks, removed on exit; the model's computation is unchanged."""
+
+    def __init__(self, model: DeepseekV4ForCausalLM, layers: Iterable[int],
+                 history: bool = False) -> None:
+        self.model, self.layers = model, sorted(layers)
+        self.latest: dict[int, torch.Tensor] = {}
+        self.history: list[dict[int, torch.Tensor]] | None = [] if history else None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, layer: int) -> Callable[..., None]:
+        def record(_module: torch.nn.Module, args: tuple) -> None:
+            self.latest[layer] = args[0][-1].detach().clone()  # (hidden,) of (T, hidden)
+            if self.history is not None and layer == self.layers[-1]:  # last tapped layer
+                self.history.append(dict(self.latest))
+        return record
+
+    def __enter__(self) -> HiddenTap:
+        for i in self.layers:
+            attn = self.model.layers[i].attn
+            self._handles.append(attn.register_forward_pre_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@runtime_checkable
+class HiddenStateSelector(Protocol):
+    """A selector that also reads the backbone's state: before each re-prediction the decoder
+    calls ``observe`` with the CSA layers' attention inputs (layer -> (hidden,)) at the last
+    token processed (the prompt's last token at step 0, else the previous step's token)."""
+
+    name: str
+
+    def scores(self, req: SelectionRequest) -> torch.Tensor | None: ...
+
+    def observe(self, request: str, hidden: Mapping[int, torch.Tensor]) -> None: ...
+
+
+def csa_layers(model: DeepseekV4ForCausalLM) -> list[int]:
+    return [i for i, kind in enumerate(model.config.layer_types) if kind == CSA]
+
+
 def prefill_request(model: DeepseekV4ForCausalLM, request: str, ids: torch.Tensor,
             store: PageStore) -> Prefilled:
     """Run prompt ids (T,) into a fresh full cache; page its CSA entries into ``store``."""
     cache = model.new_cache()
     positions = torch.arange(ids.shape[0], device=ids.device)
-    hidden = model(ids, positions, cache)  # (T, hidden)
+    with HiddenTap(model, csa_layers(model)) as tap:
+        hidden = model(ids, positions, cache)  # (T, hidden)
     store.add(request, cache)
-    return Prefilled(request, cache, model.logits(hidden[-1:])[0])
+    return Prefilled(request, cache, model.logits(hidden[-1:])[0], tap.latest)
 
 
 def decode_full(model: DeepseekV4ForCausalLM, prefilled: Prefilled, steps: int,
@@ -149,7 +207,8 @@ class LSADecoder:
         self.num_closed = store.num_closed(self.request)
         self.cache = open_resident(prefilled.cache, cfg.page_entries)  # no CSA entry yet
         self.first_token = int(prefilled.logits.argmax())
-        self.csa_layers = [i for i, kind in enumerate(model.config.layer_types) if kind == CSA]
+        self.csa_layers = csa_layers(model)
+        self.hidden = dict(prefilled.hidden)  # CSA inputs at the last token processed
         self.stats = LSAStats(self.request, self.num_pages, store.page_bytes)
 
     def plan(self, step: int) -> tuple[set[int], int]:
@@ -161,6 +220,8 @@ class LSADecoder:
             fixed.add(0)
         # 2. the selector ranks the other closed pages and keeps at most the budget's count
         cands = [p for p in range(n) if p not in fixed]
+        if isinstance(self.selector, HiddenStateSelector):
+            self.selector.observe(self.request, self.hidden)
         req = SelectionRequest(self.request, n, cands, Budget(cfg.budget).num_chunks(n, 1),
                                step, query="")
         chosen = pick(self.selector.scores(req), req, None) if cands else []
@@ -185,7 +246,12 @@ class LSADecoder:
         """Decode step ``step`` on ``token``: re-predict when due, then one forward -> (vocab,)."""
         if step % self.cfg.repredict_every == 0:
             self.repredict(step)
-        logits = _forward_one(self.model, self.cache, token, trace)
+        if isinstance(self.selector, HiddenStateSelector):
+            with HiddenTap(self.model, self.csa_layers) as tap:
+                logits = _forward_one(self.model, self.cache, token, trace)
+            self.hidden = tap.latest
+        else:
+            logits = _forward_one(self.model, self.cache, token, trace)
         held = sum(self.cache.num_resident(i) for i in self.csa_layers)
         total = sum(self.cache.num_entries(i) for i in self.csa_layers)
         self.stats.resident_fraction.append(held / max(1, total))

@@ -103,6 +103,11 @@ class PageStore:
         return PagePayload(idx, full.kv.index_select(0, idx), full.index_keys.index_select(0, idx),
                            full.positions.index_select(0, idx))
 
+    def index_keys(self, request: str) -> torch.Tensor:
+        """(P, Lc, E, Di) every page's lightning-indexer keys, CSA layers in ``self.layers``
+        order (the store's own tensor, not a copy: read only; the latent indexer scores these)."""
+        return self._get(request).payload.index_keys
+
     def num_pages(self, request: str) -> int:
         """Pages of ``request``, the last one partial unless the entry count divides evenly."""
         return self._get(request).payload.pages.numel()

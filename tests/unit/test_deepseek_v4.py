@@ -32,14 +32,7 @@ ATOL = 1e-4
 CSA_LAYERS = (1, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny ops gain nothing from intra-op threads, and on a busy 2-core machine every parallel
-    region waits for a descheduled worker (measured: 60x slower decode steps). Restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _run(model, ids: torch.Tensor, cache=None, start: int = 0, **kw) -> torch.Tensor:

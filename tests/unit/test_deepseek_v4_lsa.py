@@ -42,13 +42,7 @@ STEPS = 80  # decode steps of the reference run: two re-predictions (0, 64)
 CSA_LAYERS = (1, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread, as in test_deepseek_v4.py (busy 2-core machine); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
