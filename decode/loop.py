@@ -175,18 +175,7 @@ class DecodeLoop:
         return f"{s.prompt.query} {recent}" if recent else s.prompt.query
 
     def _emit(self, s: Sequence, token: int) -> None:
-        if token in self.eos_ids and not s.params.ignore_eos:
-            s.finish = "stop"
-            return
-        s.out.append(token)
-        before = len(s.text)
-        s.text = self.tokenizer.decode(s.out, skip_special_tokens=True)
-        cut = find_stop(s.text, s.params.stop, before) if s.params.stop else None
-        if cut is not None:
-            s.text, s.finish = s.text[:cut], "stop"
-        elif (len(s.out) >= s.params.max_tokens
-              or len(s.prompt.token_ids) + len(s.out) >= self.max_model_len):
-            s.finish = "length"
+        emit(s, token, self.tokenizer, self.eos_ids, self.max_model_len)
 
     def output(self, s: Sequence) -> RequestOutput:
         end = time.perf_counter()
@@ -203,9 +192,32 @@ class DecodeLoop:
             transfer_ratio=s.bytes_moved / full_bytes,
             chunks_selected=sum(s.selected) / len(s.selected) if s.selected else 0.0,
             repredictions=len(s.selected),
-            ttft=s.first_token_at - s.start,
-            tpot=(end - s.first_token_at) / (len(s.out) - 1) if len(s.out) > 1 else 0.0,
-            e2e=end - s.start,
+            **timing(s, end),
         )
         return RequestOutput(s.store_id, s.text, list(s.out), s.finish or "length", s.lsa.mode,
                              stats)
+
+
+def emit(s: Sequence, token: int, tokenizer: Any, eos_ids: set[int], max_model_len: int) -> None:
+    """Append a sampled token to ``s``: finish at EOS (unless ignored), cut at a stop string,
+    or finish at ``max_tokens`` / the end of the context (also used by the DS-V4 engine)."""
+    if token in eos_ids and not s.params.ignore_eos:
+        s.finish = "stop"
+        return
+    s.out.append(token)
+    before = len(s.text)
+    s.text = tokenizer.decode(s.out, skip_special_tokens=True)
+    cut = find_stop(s.text, s.params.stop, before) if s.params.stop else None
+    if cut is not None:
+        s.text, s.finish = s.text[:cut], "stop"
+    elif (len(s.out) >= s.params.max_tokens
+          or len(s.prompt.token_ids) + len(s.out) >= max_model_len):
+        s.finish = "length"
+
+
+def timing(s: Sequence, end: float) -> dict[str, float]:
+    """TTFT, TPOT and end-to-end seconds of a finished sequence (RequestStats' fields)."""
+    n = len(s.out)
+    return {"ttft": s.first_token_at - s.start,
+            "tpot": (end - s.first_token_at) / (n - 1) if n > 1 else 0.0,
+            "e2e": end - s.start}

@@ -28,7 +28,7 @@ from flashmemory.config import (
 from flashmemory.types import RequestOutput
 
 if TYPE_CHECKING:
-    from flashmemory.engine import LLM
+    from flashmemory.engine import Engine
 
 PROG = "flashmemory"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -237,18 +237,24 @@ def _lsa(args: argparse.Namespace, mode: str, seed: int | None) -> LSAConfig:
                      seed=seed or 0)
 
 
-def _engine(args: argparse.Namespace, lsa: LSAConfig, uses_indexer: bool) -> EngineConfig:
-    """EngineConfig plus the cheap checks: model and indexer resolvable."""
-    from flashmemory.model.loader import resolve
+def _engine(args: argparse.Namespace, lsa: LSAConfig, configs: list[LSAConfig]) -> EngineConfig:
+    """EngineConfig plus the cheap checks: the model resolvable, and what each of the run's
+    configs needs (its indexer; on DeepSeek-V4 also its mode and chunk size)."""
+    from flashmemory.model.loader import model_type, resolve
 
     cfg = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                        indexer=args.indexer, attention=args.attention,
                        cuda_graphs=args.cuda_graphs, lsa=lsa)
-    resolve(cfg.model)
-    if uses_indexer:
-        from flashmemory.indexer.neural import resolve_indexer
+    source = resolve(cfg.model)
+    if model_type(source) == "deepseek_v4":
+        from flashmemory.dsv4_engine import check_configs
 
-        resolve_indexer(cfg.indexer)
+        check_configs(source, configs, cfg.indexer)
+        return cfg
+    from flashmemory.indexer.neural import resolve_indexer
+
+    for name in dict.fromkeys(c.indexer or cfg.indexer for c in configs if c.mode == "lsa"):
+        resolve_indexer(name)
     return cfg
 
 
@@ -270,11 +276,12 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return text
 
 
-def _load(cfg: EngineConfig) -> LLM:
-    from flashmemory.engine import LLM
+def _load(cfg: EngineConfig) -> Engine:
+    """The engine for the model: ``LLM``, or ``DSV4LLM`` for a DeepSeek-V4 checkpoint."""
+    from flashmemory.engine import load_engine
 
     logging.getLogger(__name__).info("loading %s", cfg.model)
-    return LLM(config=cfg)
+    return load_engine(cfg)
 
 
 # -- generate -----------------------------------------------------------------------------------
@@ -285,7 +292,7 @@ def _cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                   stop=tuple(args.stop))
         lsa = _lsa(args, args.mode, args.seed)
-        cfg = _engine(args, lsa, uses_indexer=args.mode == "lsa")
+        cfg = _engine(args, lsa, [lsa])
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     llm = _load(cfg)
@@ -333,8 +340,6 @@ def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
         JudgeConfig,
         run_eval,
     )
-    from flashmemory.indexer.neural import resolve_indexer
-
     try:
         lsa = _lsa(args, "lsa", args.seed)
         judge = JudgeConfig(args.judge_url, args.judge_model, args.judge_key_env)
@@ -348,10 +353,7 @@ def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
                           data=args.data, judge=judge, concurrency=args.concurrency or 1,
                           resume=args.resume, command=shlex.join([PROG, *argv]))
         variants = ecfg.mode_configs()
-        cfg = _engine(args, lsa, uses_indexer=any(v.mode == "lsa" for v in variants))
-        for v in variants:
-            if v.indexer is not None:
-                resolve_indexer(v.indexer)
+        cfg = _engine(args, lsa, variants)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     done = [p for p in (args.out / RESULTS_FILE, args.out / PARTS_DIR) if p.exists()]

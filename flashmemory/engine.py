@@ -1,4 +1,5 @@
-"""Single-process LSA engine: ``LLM(...).generate(prompts, SamplingParams)`` and ``LLM.chat``.
+"""Single-process LSA engine: ``LLM(...).generate(prompts, SamplingParams)`` and ``LLM.chat``;
+``load_engine`` picks it or the DeepSeek-V4 engine (``dsv4_engine``) for a checkpoint.
 
 Prefill runs each prompt densely into the chunk store; decode keeps only each request's resident
 chunks (sink + selected + recency tail) in the chunk pool and re-selects every N steps.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +31,7 @@ from flashmemory.indexer.backbone import (
 from flashmemory.indexer.backbone import observe as observe_prompt
 from flashmemory.indexer.base import Selector
 from flashmemory.indexer.selectors import baseline_selector
-from flashmemory.model.loader import load_backbone, resolve
+from flashmemory.model.loader import load_backbone, model_type, resolve
 from flashmemory.prefill.chunk_store import ChunkStore
 from flashmemory.prefill.runner import prefill
 from flashmemory.sampling import make_generator
@@ -48,7 +50,45 @@ class Trace:
     quest: dict[int, torch.Tensor]  # step -> (num_chunks_seen,) Quest-style scores
 
 
-class LLM:
+class Engine(ABC):
+    """What the two single-process engines share (``LLM`` here, ``dsv4_engine.DSV4LLM`` for
+    DeepSeek-V4): prompts in, raw or through the chat template, one ``RequestOutput`` each.
+    Subclasses set ``config``, ``tokenizer``, ``eos_ids`` and ``max_model_len`` and implement
+    ``run_modes`` (one prefill, a decode per LSA config) and ``_run`` (a batch, one config)."""
+
+    config: EngineConfig
+    tokenizer: Any
+    eos_ids: set[int]
+    max_model_len: int
+
+    def tokenize(self, prompt: str | Messages, chat: bool, query_chars: int = 400) -> Prompt:
+        """Apply the chat template (chat=True) and tokenize with character offsets."""
+        return tokenize_prompt(self.tokenizer, prompt, chat, self.max_model_len, query_chars)
+
+    def generate(self, prompts: str | list[str], sampling: SamplingParams | None = None,
+                 lsa: LSAConfig | None = None) -> list[RequestOutput]:
+        """Raw-text prompts (no chat template), one output each, in order."""
+        plist = [prompts] if isinstance(prompts, str) else prompts
+        return self._run([self.tokenize(p, chat=False) for p in plist], sampling, lsa)
+
+    def chat(self, conversations: Messages | list[Messages] | str | list[str],
+             sampling: SamplingParams | None = None,
+             lsa: LSAConfig | None = None) -> list[RequestOutput]:
+        """Chat prompts through the model's chat template."""
+        convs = [conversations] if isinstance(conversations, str) or (
+            conversations and isinstance(conversations[0], dict)) else conversations
+        return self._run([self.tokenize(c, chat=True) for c in convs], sampling, lsa)  # type: ignore[arg-type]
+
+    @abstractmethod
+    def run_modes(self, prompt: Prompt, sampling: SamplingParams,
+                  configs: list[LSAConfig]) -> list[RequestOutput]: ...
+
+    @abstractmethod
+    def _run(self, prompts: list[Prompt], sampling: SamplingParams | None,
+             lsa: LSAConfig | None) -> list[RequestOutput]: ...
+
+
+class LLM(Engine):
     """Loads a backbone and an indexer once; serves batches of prompts with LSA decoding."""
 
     def __init__(self, model: str | None = None, config: EngineConfig | None = None,
@@ -67,26 +107,7 @@ class LLM:
         if cfg.lsa.mode == "lsa":
             _ = self.indexer  # load the encoder now, not inside the first request's TTFT
 
-    # -- prompts ------------------------------------------------------------------------------
-    def tokenize(self, prompt: str | Messages, chat: bool, query_chars: int = 400) -> Prompt:
-        """Apply the chat template (chat=True) and tokenize with character offsets."""
-        return tokenize_prompt(self.tokenizer, prompt, chat, self.max_model_len, query_chars)
-
-    # -- public API ---------------------------------------------------------------------------
-    def generate(self, prompts: str | list[str], sampling: SamplingParams | None = None,
-                 lsa: LSAConfig | None = None) -> list[RequestOutput]:
-        """Raw-text prompts (no chat template), one output each, in order."""
-        plist = [prompts] if isinstance(prompts, str) else prompts
-        return self._run([self.tokenize(p, chat=False) for p in plist], sampling, lsa)
-
-    def chat(self, conversations: Messages | list[Messages] | str | list[str],
-             sampling: SamplingParams | None = None,
-             lsa: LSAConfig | None = None) -> list[RequestOutput]:
-        """Chat prompts through the model's chat template."""
-        convs = [conversations] if isinstance(conversations, str) or (
-            conversations and isinstance(conversations[0], dict)) else conversations
-        return self._run([self.tokenize(c, chat=True) for c in convs], sampling, lsa)  # type: ignore[arg-type]
-
+    # -- public API (tokenize, generate, chat: Engine) -----------------------------------------
     def run_modes(self, prompt: Prompt, sampling: SamplingParams,
                   configs: list[LSAConfig]) -> list[RequestOutput]:
         """One prefill, then one decode per LSA config (the evaluation's inner loop)."""
@@ -227,3 +248,13 @@ class LLM:
         for indexer in self._indexers.values():
             indexer.forget(store_id)
         self._keys.pop(store_id, None)
+
+
+def load_engine(config: EngineConfig) -> Engine:
+    """The engine for ``config.model``: ``DSV4LLM`` for a checkpoint whose config.json says
+    ``model_type: deepseek_v4``, else ``LLM`` (the Llama family). Used by the CLI."""
+    if model_type(resolve(config.model)) == "deepseek_v4":
+        from flashmemory.dsv4_engine import DSV4LLM
+
+        return DSV4LLM(config)
+    return LLM(config=config)

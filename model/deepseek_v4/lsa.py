@@ -2,8 +2,9 @@
 in which the decode cache holds only the CSA pages a selector chose; the rest wait in a
 ``PageStore``.
 
-Called by tests and evaluation (later by the engine's DeepSeek-V4 path). ``prefill_request``
-runs the prompt into a full ``DSV4Cache`` and pages its CSA entries into the store;
+Called by tests, evaluation and the DeepSeek-V4 engine (``flashmemory.dsv4_engine``, which
+samples instead of decoding greedily). ``prefill_request`` runs the prompt into a full
+``DSV4Cache`` and pages its CSA entries into the store;
 ``decode_full`` is the reference with every entry resident; ``LSADecoder`` + ``decode_lsa``
 re-plan the resident pages at step 0 and every ``repredict_every`` steps (sink page, recency
 tail, the open partial page and pages decode writes, plus the selector's top pages under the
@@ -175,12 +176,15 @@ def csa_layers(model: DeepseekV4ForCausalLM) -> list[int]:
 
 
 def prefill_request(model: DeepseekV4ForCausalLM, request: str, ids: torch.Tensor,
-            store: PageStore) -> Prefilled:
-    """Run prompt ids (T,) into a fresh full cache; page its CSA entries into ``store``."""
-    cache = model.new_cache()
-    positions = torch.arange(ids.shape[0], device=ids.device)
+                    store: PageStore, piece_tokens: int | None = None) -> Prefilled:
+    """Run prompt ids (T,) into a fresh full cache, in pieces of ``piece_tokens`` (default: one
+    forward); page its CSA entries into ``store``."""
+    cache, n = model.new_cache(), ids.shape[0]
+    piece = piece_tokens or n
     with HiddenTap(model, csa_layers(model)) as tap:
-        hidden = model(ids, positions, cache)  # (T, hidden)
+        for a in range(0, n, piece):
+            positions = torch.arange(a, min(n, a + piece), device=ids.device)
+            hidden = model(ids[a:a + piece], positions, cache)  # (piece, hidden)
     store.add(request, cache)
     return Prefilled(request, cache, model.logits(hidden[-1:])[0], tap.latest)
 

@@ -96,7 +96,7 @@ def test_main_in_process_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_eval_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "results.parquet").write_bytes(b"")
     assert main(["eval", "--out", str(tmp_path), "--lengths", "1024", "--samples", "1"]) == 2
-    assert "pass --overwrite" in capsys.readouterr().err
+    assert "pass --resume to continue that run or --overwrite" in capsys.readouterr().err
 
 
 def test_parser_defaults_and_lengths() -> None:

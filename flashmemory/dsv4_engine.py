@@ -1,0 +1,258 @@
+"""Single-process engine for DeepSeek-V4 checkpoints: the ``Engine`` surface (``generate``,
+``chat``, ``run_modes``) over ``model.deepseek_v4``. Built by ``engine.load_engine`` when a
+checkpoint's config.json says ``model_type: deepseek_v4``; used by ``flashmemory generate`` and
+``flashmemory eval`` (the CLI runs ``check_configs`` before loading). Not behind the cluster yet.
+
+A request: one prefill (in pieces of ``prefill_piece_tokens``) into a ``DSV4Cache`` whose CSA
+entries go to a ``PageStore`` as pages of 64 entries (256 tokens at 4:1); then, per LSA config,
+an ``LSADecoder`` over those pages, sampled like the Llama loop (``sampling.sample``; EOS, stop
+strings, ``max_tokens``). ``LSAConfig`` maps onto the decoder's ``DSV4LSAConfig``: a chunk is a
+page, so ``chunk_size`` must be the page's token count or its default (64, read as "the page");
+``budget`` is a fraction of the closed prompt pages (``budget_tokens`` // page tokens pages);
+``recent_tokens`` -> ceil(recent_tokens / page tokens) tail pages; ``sink_chunks`` > 0 -> the
+sink page (one, whatever the count); ``repredict_every`` as is.
+
+Modes: full, recency, random; oracle (the full model's lightning-indexer picks per page over the
+next ``oracle_window`` steps of a full decode run first: ``oracle.NativeOracleSelector``); lsa
+(the latent indexer: ``LSAConfig.indexer`` / ``EngineConfig.indexer`` names a checkpoint of
+``latent_train``; ``threshold`` and ``min_budget`` set its probability threshold and floor). The
+text (MiniLM) indexer and snapkv / quest are not wired for DS-V4. Footprint = resident CSA
+entries / all CSA entries (summed over CSA layers) after each step, as ``LSAStats``: sliding
+windows and HCA entries always stay. TTFT = the prefill (plus, for oracle modes, the full run
+they read) and the first token; e2e adds this mode's decode only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from flashmemory.config import EngineConfig, LSAConfig, SamplingParams
+from flashmemory.decode.loop import Sequence, emit, timing
+from flashmemory.engine import Engine
+from flashmemory.indexer.base import Selector
+from flashmemory.indexer.selectors import FullSelector, baseline_selector
+from flashmemory.indexer.train import META_FILE
+from flashmemory.model.deepseek_v4 import (
+    CSA_PAGE_ENTRIES,
+    DeepseekV4Config,
+    DSV4LSAConfig,
+    IndexerTrace,
+    LatentSelectConfig,
+    LatentSelector,
+    LatentTower,
+    LSADecoder,
+    LSAStats,
+    NativeOracleSelector,
+    PageStore,
+    Prefilled,
+    load_deepseek_v4,
+    load_latent,
+    prefill_request,
+)
+from flashmemory.model.deepseek_v4.latent_indexer import read_latent_meta
+from flashmemory.model.loader import ModelSource, load_tokenizer, resolve
+from flashmemory.sampling import make_generator, sample
+from flashmemory.types import Prompt, RequestOutput, RequestStats
+
+MODES: tuple[str, ...] = ("full", "lsa", "recency", "random", "oracle")
+
+
+def page_tokens(cfg: DeepseekV4Config, page_entries: int = CSA_PAGE_ENTRIES) -> int:
+    """Prompt tokens one CSA page covers (64 entries x the CSA ratio 4 = 256)."""
+    return page_entries * cfg.csa_compress_rate
+
+
+def check_lsa(lsa: LSAConfig, tokens_per_page: int) -> None:
+    """ValueError for a config DS-V4 cannot run: snapkv / quest, a chunk size other than the
+    page (or the default), a threshold on random / oracle (it applies to the latent indexer)."""
+    if lsa.mode not in MODES:
+        raise ValueError(f"mode {lsa.mode!r} is not available for DeepSeek-V4 (it reads a Llama "
+                         f"backbone's queries and keys); choose one of {', '.join(MODES)}")
+    if lsa.chunk_size not in (LSAConfig().chunk_size, tokens_per_page):
+        raise ValueError(f"chunk_size {lsa.chunk_size}: DeepSeek-V4 keeps whole CSA pages of "
+                         f"{tokens_per_page} tokens; set chunk_size {tokens_per_page} or leave "
+                         "the default")
+    if lsa.threshold is not None and lsa.mode in ("random", "oracle"):
+        raise ValueError(f"threshold: on DeepSeek-V4 it applies to the latent indexer (mode lsa) "
+                         f"only, not to {lsa.mode}")
+    if lsa.threshold is not None and lsa.mode == "lsa":
+        LatentSelectConfig(lsa.threshold)  # ValueError unless a probability
+
+
+def latent_path(name: str) -> Path:
+    """``name`` as a latent indexer checkpoint directory; else ValueError saying what mode lsa
+    needs on DS-V4."""
+    path = Path(name).expanduser()
+    try:
+        read_latent_meta(path)
+    except ValueError as e:
+        raise ValueError(f"mode lsa on DeepSeek-V4 needs a latent indexer checkpoint (--indexer "
+                         f"DIR, written by model.deepseek_v4.latent_train.train_latent); "
+                         f"{name!r} is not one ({e}); the text indexer is not wired for "
+                         "DeepSeek-V4 yet") from None
+    return path
+
+
+def check_configs(source: ModelSource, configs: list[LSAConfig], indexer: str) -> None:
+    """What needs no weights (the CLI runs it before loading): each config's mode and chunk
+    size, and a latent checkpoint for each lsa config (its own indexer, else ``indexer``)."""
+    cfg = DeepseekV4Config.from_hf_dict(json.loads((source.path / "config.json").read_text()))
+    for lsa in configs:
+        check_lsa(lsa, page_tokens(cfg))
+        if lsa.mode == "lsa":
+            latent_path(lsa.indexer or indexer)
+
+
+class DSV4LLM(Engine):
+    """Loads a DeepSeek-V4 checkpoint and its tokenizer once; decodes one request at a time."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.source = resolve(config.model)
+        self.model = load_deepseek_v4(self.source.path, config.torch_dtype, config.device)
+        self.tokenizer = load_tokenizer(self.source)
+        mc = self.model.config
+        self.eos_ids = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        self.store = PageStore(mc, self.model.dtype)  # host side: every prefilled CSA page
+        self.page_tokens = page_tokens(mc, self.store.page_entries)
+        self._towers: dict[str, LatentTower] = {}  # latent checkpoints, loaded on first use
+        self._ids = itertools.count()
+        check_lsa(config.lsa, self.page_tokens)
+        if config.lsa.mode == "lsa" and (Path(config.indexer) / META_FILE).is_file():
+            self.latent(config.indexer)  # now, not inside the first request's TTFT
+
+    def latent(self, name: str) -> LatentTower:
+        """The latent indexer checkpoint ``name`` (loaded once); ValueError if it is not one or
+        was trained on another backbone's shapes."""
+        if name not in self._towers:
+            tower = load_latent(latent_path(name), self.config.device)
+            mc, tc = self.model.config, tower.cfg
+            if (tc.hidden_size, tc.index_dim) != (mc.hidden_size, mc.index_head_dim):
+                raise ValueError(f"latent indexer {name!r} expects hidden size {tc.hidden_size} "
+                                 f"and index keys of {tc.index_dim}; this model has "
+                                 f"{mc.hidden_size} and {mc.index_head_dim}")
+            self._towers[name] = tower
+        return self._towers[name]
+
+    def run_modes(self, prompt: Prompt, sampling: SamplingParams,
+                  configs: list[LSAConfig]) -> list[RequestOutput]:
+        """One prefill, then one decode per LSA config (the evaluation's inner loop)."""
+        for lsa in configs:  # every config is checked before any work
+            check_lsa(lsa, self.page_tokens)
+            if lsa.mode == "lsa":
+                self.latent(lsa.indexer or self.config.indexer)
+        rid = f"d{next(self._ids)}"
+        start = time.perf_counter()
+        try:
+            # 1. prefill: the full cache, its CSA pages into the store
+            ids = torch.tensor(prompt.token_ids, device=self.model.embed.weight.device)
+            pre = prefill_request(self.model, rid, ids, self.store,
+                                  self.config.prefill_piece_tokens)
+            lead = time.perf_counter() - start
+            # 2. oracle modes read a full run's indexer picks first
+            traces, oracle_s = None, 0.0
+            if any(c.mode == "oracle" for c in configs):
+                traces = self._full_traces(pre, prompt, sampling)
+                oracle_s = time.perf_counter() - start - lead
+            # 3. one decode per config, each over its own resident copy of the prefilled cache
+            return [self._decode(pre, prompt, sampling, c,
+                                 lead + (oracle_s if c.mode == "oracle" else 0.0), traces)
+                    for c in configs]
+        finally:
+            self.store.free(rid)
+
+    def _run(self, prompts: list[Prompt], sampling: SamplingParams | None,
+             lsa: LSAConfig | None) -> list[RequestOutput]:
+        sampling, lsa = sampling or SamplingParams(), lsa or self.config.lsa
+        return [self.run_modes(p, sampling, [lsa])[0] for p in prompts]
+
+    def _decode(self, pre: Prefilled, prompt: Prompt, sampling: SamplingParams,
+                lsa: LSAConfig, lead: float,
+                traces: list[IndexerTrace] | None) -> RequestOutput:
+        """One mode; ``lead``: seconds of shared work before it (prefill, oracle run)."""
+        selector = self._selector(pre, lsa, traces)
+        seq = Sequence(f"{pre.request}-{lsa.mode}", pre.request, prompt, sampling, lsa, selector,
+                       time.perf_counter() - lead, make_generator(sampling))
+        dec = LSADecoder(self.model, self.store, pre, selector,
+                         self._decoder_config(lsa, pre.request))
+        self._generate(seq, pre.logits, dec)
+        return _output(seq, dec.stats)
+
+    def _full_traces(self, pre: Prefilled, prompt: Prompt,
+                     sampling: SamplingParams) -> list[IndexerTrace]:
+        """A full decode of the request (every page resident, same sampling), recording its CSA
+        indexers' picks at every step: what the oracle ranks pages by."""
+        full = LSAConfig(mode="full")
+        seq = Sequence(f"{pre.request}-trace", pre.request, prompt, sampling, full, FullSelector(),
+                       time.perf_counter(), make_generator(sampling))
+        dec = LSADecoder(self.model, self.store, pre, seq.selector,
+                         self._decoder_config(full, pre.request))
+        traces: list[IndexerTrace] = []
+        self._generate(seq, pre.logits, dec, traces)
+        return traces
+
+    def _generate(self, seq: Sequence, first_logits: torch.Tensor, dec: LSADecoder,
+                  record: list[IndexerTrace] | None = None) -> None:
+        """Sample until EOS, a stop string, ``max_tokens`` or the end of the context."""
+        # 1. the first token, from the prefill's logits
+        emit(seq, sample(first_logits, seq.params, seq.gen), self.tokenizer, self.eos_ids,
+             self.max_model_len)
+        seq.first_token_at = time.perf_counter()
+        while seq.finish is None:
+            # 2. re-predict when due (evict / fetch pages), one forward over the resident pages
+            trace = IndexerTrace() if record is not None else None
+            logits = dec.step(seq.steps, seq.last_token, trace)
+            seq.steps += 1
+            if record is not None and trace is not None:
+                record.append(trace)
+            # 3. sample, check EOS / stop strings / length
+            emit(seq, sample(logits, seq.params, seq.gen), self.tokenizer, self.eos_ids,
+                 self.max_model_len)
+
+    def _selector(self, pre: Prefilled, lsa: LSAConfig,
+                  traces: list[IndexerTrace] | None) -> Selector:
+        if lsa.mode == "oracle":
+            assert traces is not None
+            return NativeOracleSelector({pre.request: traces}, self.store.page_entries,
+                                        lsa.oracle_window)
+        if lsa.mode == "lsa":
+            closed = self.store.num_closed(pre.request)
+            floor = math.ceil(lsa.min_budget * closed - 1e-9) if lsa.threshold is not None else 0
+            threshold = LatentSelectConfig().threshold if lsa.threshold is None else lsa.threshold
+            return LatentSelector(self.latent(lsa.indexer or self.config.indexer), self.store,
+                                  LatentSelectConfig(threshold, None, floor))
+        selector = baseline_selector(lsa)
+        assert selector is not None  # check_lsa let only full / recency / random through
+        return selector
+
+    def _decoder_config(self, lsa: LSAConfig, request: str) -> DSV4LSAConfig:
+        budget = lsa.budget
+        if lsa.budget_tokens is not None:  # whole pages, as a fraction of this request's
+            closed = self.store.num_closed(request)
+            budget = min(1.0, (lsa.budget_tokens // self.page_tokens) / max(1, closed))
+        assert budget is not None
+        return DSV4LSAConfig(budget=budget,
+                             recent_pages=math.ceil(lsa.recent_tokens / self.page_tokens),
+                             sink_page=lsa.sink_chunks > 0, repredict_every=lsa.repredict_every,
+                             page_entries=self.store.page_entries)
+
+
+def _output(seq: Sequence, st: LSAStats) -> RequestOutput:
+    """The request's output; chunks are CSA pages, footprints count CSA entries."""
+    picked = st.pages_selected
+    stats = RequestStats(
+        prompt_tokens=len(seq.prompt.token_ids), completion_tokens=len(seq.out),
+        num_prompt_chunks=st.num_pages,
+        kv_footprint_mean=st.mean_resident_fraction, kv_footprint_peak=st.peak_resident_fraction,
+        kv_bytes_transferred=st.bytes_moved, transfer_ratio=st.transfer_ratio,
+        chunks_selected=sum(picked) / len(picked) if picked else 0.0, repredictions=len(picked),
+        **timing(seq, time.perf_counter()))
+    return RequestOutput(seq.store_id, seq.text, list(seq.out), seq.finish or "length",
+                         seq.lsa.mode, stats)
