@@ -1,8 +1,11 @@
-"""Serve a random-weight model of a real shape on one GPU (prefill and decode workers share it,
-IPC transport) and measure TTFT / TPOT of long prompts through the HTTP API, streaming.
+"""Serve a random-weight model of a real shape on GPUs and measure TTFT / TPOT of long prompts
+through the HTTP API, streaming. Layouts: ``shared`` (prefill and decode workers share one GPU,
+IPC transport) and ``split`` (prefill on one GPU, decode on another, NCCL chunk transfers; needs
+2 GPUs). With both, the greedy full-KV answers of the two layouts are compared token for token.
 
 Usage: python benchmarks/serve_gpu.py --tokenizer DIR [--shape smollm2] [--lengths 8192,32768]
-Prints a Markdown table. Random weights: timings are real, answers are not.
+       [--layouts shared,split]
+Prints Markdown tables. Random weights: timings are real, answers are not.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def stream_one(url: str, model: str, prompt: str, mode: str, budget: float,
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "lsa_mode": mode, "kv_budget": budget}
     t0 = time.perf_counter()
-    first, n, usage = None, 0, {}
+    first, n, usage, text = None, 0, {}, []
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -55,12 +58,13 @@ def stream_one(url: str, model: str, prompt: str, mode: str, budget: float,
                 raise RuntimeError(chunk["error"])
             first = first or time.perf_counter()
             n += 1
+            text.extend(c.get("text", "") for c in chunk.get("choices", []))
             usage = chunk.get("usage") or usage
     end = time.perf_counter()
     steps = max(usage.get("completion_tokens", n) - 1, 1)
     return {"ttft": first - t0, "tpot": (end - first) / steps,
             "footprint": usage.get("kv_footprint_mean"), "transfer": usage.get("transfer_ratio"),
-            "tokens": usage.get("prompt_tokens")}
+            "tokens": usage.get("prompt_tokens"), "text": "".join(text)}
 
 
 def main() -> None:
@@ -71,30 +75,46 @@ def main() -> None:
     ap.add_argument("--modes", default="full,random")
     ap.add_argument("--budget", type=float, default=0.1)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--layouts", default="shared", help="shared and/or split (2 GPUs)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    lengths = [int(x) for x in args.lengths.split(",")]
+    ckpt = make_checkpoint(args.shape, args.tokenizer, Path("/tmp/fm-ckpt"),
+                           max(lengths) + 2 * args.max_tokens)
+    answers = {layout: run_layout(layout, ckpt, lengths, args)
+               for layout in args.layouts.split(",")}
+    if len(answers) > 1:
+        a, b = answers.values()
+        for key in a:
+            if key[1] == "full":
+                print(f"{key[0]} tokens, full KV: {' / '.join(answers)} answers equal: "
+                      f"{a[key] == b[key]}")
+
+
+def run_layout(layout: str, ckpt: Path, lengths: list[int],
+               args: argparse.Namespace) -> dict[tuple[int, str], str]:
+    """Serve ``ckpt`` in one layout, print its table; returns the answers per (length, mode)."""
     import ray
     from ray import serve
 
     from flashmemory.cluster.serve_app import build
 
-    lengths = [int(x) for x in args.lengths.split(",")]
-    ckpt = make_checkpoint(args.shape, args.tokenizer, Path("/tmp/fm-ckpt"),
-                           max(lengths) + 2 * args.max_tokens)
-    ray.init(num_gpus=1, logging_level="WARNING")
+    split = layout == "split"
+    ray.init(num_gpus=2 if split else 1, logging_level="WARNING")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build({"served_model_name": "m", "num_gpus_per_worker": 0.5,
+    serve.run(build({"served_model_name": "m", "num_gpus_per_worker": 1 if split else 0.5,
                      "num_cpus_per_worker": 1, "torch_threads": 4,
                      "engine": {"model": str(ckpt), "device": "cuda", "dtype": "bfloat16"},
                      "lsa": {"budget": args.budget}}), name="fm", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
+    answers = {}
     words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "lamp",
              "paper", "window", "garden"]
-    print(f"{torch.cuda.get_device_name()} | shape {args.shape} bf16 random weights | "
-          f"budget {args.budget} | {args.max_tokens} tokens generated")
+    print(f"{torch.cuda.get_device_name()} | layout {layout} | shape {args.shape} bf16 random "
+          f"weights | budget {args.budget} | {args.max_tokens} tokens generated")
     print("| prompt tokens | mode | TTFT (s) | TPOT (ms) | KV footprint | transfer |")
     print("|---:|---|---:|---:|---:|---:|")
     for n in lengths:
@@ -102,10 +122,12 @@ def main() -> None:
         for mode in args.modes.split(","):
             stream_one(url, "m", prompt[:2000], mode, args.budget, 4)  # warm-up
             r = stream_one(url, "m", prompt, mode, args.budget, args.max_tokens)
+            answers[(r["tokens"], mode)] = r["text"]
             print(f"| {r['tokens']} | {mode} | {r['ttft']:.3f} | {1000 * r['tpot']:.2f} | "
                   f"{r['footprint']:.3f} | {r['transfer']:.3f} |", flush=True)
     serve.shutdown()
     ray.shutdown()
+    return answers
 
 
 if __name__ == "__main__":
