@@ -102,7 +102,7 @@ def load_model(
     """Build the CausalLM and load its weights (GGUF quantized types are dequantized to dtype)."""
     if source.kind == "hf":
         cfg = ModelConfig.from_hf(json.loads((source.path / "config.json").read_text()))
-        state = _read_safetensors(source.path)
+        state = read_safetensors(source.path)
     else:
         cfg, state = _read_gguf(source.path)
     with torch.device("meta"):
@@ -134,7 +134,9 @@ def load_tokenizer(source: ModelSource) -> Any:
     return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's *.safetensors files (also the DeepSeek-V4
+    loader's)."""
     from safetensors.torch import load_file
 
     files = sorted(path.glob("*.safetensors"))

@@ -18,6 +18,7 @@ import torch
 from flashmemory.model.deepseek_v4.config import DeepseekV4Config
 from flashmemory.model.deepseek_v4.model import DeepseekV4ForCausalLM
 from flashmemory.model.deepseek_v4.quant import QuantConfig, dequantize, is_quantized
+from flashmemory.model.loader import read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -81,18 +82,6 @@ def load_deepseek_v4(path: str | Path, dtype: torch.dtype = torch.float32,
                          f"{sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}")
     model.cast(dtype).build_rotary()  # the RoPE tables were built on meta: rebuild them (fp32)
     return model.to(device).eval()
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
 
 
 def checkpoint_state(raw: dict[str, torch.Tensor], cfg: DeepseekV4Config,
