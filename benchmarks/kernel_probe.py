@@ -1,6 +1,7 @@
 """Launch-configuration sweep of the LSA kernel at small batches, where it is latency-bound
-(issue 4 notes): the default with and without programmatic dependent launch and, with --sweep,
-splits x pipeline stages x block size; 8 calls per CUDA-graph replay, each call on its own input
+(issue 4 notes): the default with and without programmatic dependent launch, next to a streaming
+read of the same bytes (what one kernel reading them can reach) and, with --sweep, splits x
+pipeline stages x block size x warps; 8 calls per CUDA-graph replay, each call on its own input
 set. Prints one line per case.
 
 Usage (GPU): python benchmarks/kernel_probe.py [--sweep]   (default: PDL on vs off only)
@@ -13,6 +14,7 @@ import itertools
 import torch
 
 from flashmemory.bench.common import hbm_read_bandwidth, time_graph_ms
+from flashmemory.bench.kernel import _read_us
 from flashmemory.kernels import lsa_decode as K
 
 CALLS = 8
@@ -47,15 +49,18 @@ def main(sweep: bool) -> None:
         floor = batch * tokens * hkv * d * 4 / bw * 1e6
         default = time_us(q, lens, sets)
         no_pdl = time_us(q, lens, sets, pdl=False)
+        read = _read_us(batch * tokens * hkv * d * 4, q.device)
         print(f"{name} tokens={tokens} B={batch} floor={floor:.1f}us default={default:.1f}us "
-              f"({100 * floor / default:.0f}%) without PDL={no_pdl:.1f}us")
+              f"({100 * floor / default:.0f}%) without PDL="
+              f"{no_pdl:.1f}us | stream read of the same bytes {read:.1f}us "
+              f"(default at {100 * read / default:.0f}% of it)")
         if not sweep:
             continue
         rows = []
-        for sp, st, bn, w in itertools.product((8, 16, 24, 33, 48, 64, 96, 128), (1, 2, 3),
-                                               (32, 64, 128), (4,)):
+        for sp, st, bn, w in itertools.product((16, 32, 48, 64, 96, 128), (2, 3), (64, 128),
+                                               (4, 8)):
             t = time_us(q, lens, sets, num_splits=sp, num_stages=st, block_n=bn, num_warps=w)
-            rows.append((t, f"splits={sp} stages={st} block_n={bn}"))
+            rows.append((t, f"splits={sp} stages={st} block_n={bn} warps={w}"))
         rows.sort()
         best = ", ".join(f"{c}: {t:.1f}" for t, c in rows[:4])
         print(f"{name} tokens={tokens} B={batch} floor={floor:.1f}us default={default:.1f}us "

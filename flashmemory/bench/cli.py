@@ -91,7 +91,8 @@ def _kernel(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str], 
         raise ValueError("--budgets must be fractions in (0, 1]")
     bw = hbm_read_bandwidth()
     print(f"measured HBM bandwidth: read-only {bw['read'] / 1e12:.2f} TB/s (pct_hbm is against "
-          f"this); a device copy in a graph (copy engine) {bw['copy'] / 1e12:.2f} TB/s")
+          f"this); a device copy in a graph (copy engine) {bw['copy'] / 1e12:.2f} TB/s; "
+          f"pct_read is against read_us, a streaming read of the row's resident bytes")
     rows = []
     for case in kernel.cases(args.shapes, list(args.contexts), budgets,
                              _ints(args.batches, "batches"), args.chunk_size):

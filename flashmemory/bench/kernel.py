@@ -1,5 +1,6 @@
 """Kernel benchmark: LSA decode over resident chunks vs SDPA over the full context and over the
-same subset made contiguous, with effective bandwidth on the resident bytes."""
+same subset made contiguous, with effective bandwidth on the resident bytes, against the peak
+streaming read and against a streaming read of the same bytes (what one kernel can reach)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flashmemory.bench.common import SHAPES, command, time_graph_ms
+from flashmemory.bench.common import _READ_BLOCK, SHAPES, _stream_read, command, time_graph_ms
 from flashmemory.kernels.lsa_decode import lsa_decode, resident_bytes
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ def run_case(case: KernelCase, hbm_read: float, baselines: bool = True) -> dict[
         GBps=nbytes / t_lsa / 1e6, pct_hbm=100 * nbytes / (t_lsa / 1e3) / hbm_read,
         command=command(case.argv()))
     if baselines:
+        row["read_us"] = _read_us(nbytes, q.device)
+        row["pct_read"] = 100 * row["read_us"] / row["lsa_us"]
         q4 = q.unsqueeze(2)  # (B, Hq, 1, D)
         row["subset_us"] = _sdpa_or_none(q4, case.batch, hkv, seq, d)
         row["full_us"] = _sdpa_or_none(q4, case.batch, hkv, case.context, d)
@@ -96,6 +99,20 @@ def _lsa_ms(case: KernelCase, q: torch.Tensor, hkv: int, keep: int, seq: int) ->
                                   num_splits=case.num_splits)
 
     return _per_call_ms(make, pages * case.chunk * hkv * d * 2 * q.element_size())
+
+
+def _read_us(nbytes: int, device: torch.device) -> float:
+    """A streaming read (one Triton kernel, 16 KiB per program) of ``nbytes``, timed as LSA."""
+    n = -(-nbytes // 2 // _READ_BLOCK) * _READ_BLOCK
+
+    def make() -> Callable[[], Any]:
+        x = torch.randn(n, dtype=torch.bfloat16, device=device)
+        out = torch.empty(n // _READ_BLOCK, dtype=torch.float32, device=device)
+        return lambda: _stream_read[(out.numel(),)](x, out, BLOCK=_READ_BLOCK, num_warps=8)
+
+    t = _per_call_ms(make, nbytes) * 1e3
+    torch.cuda.empty_cache()
+    return t
 
 
 def _sdpa_us(q: torch.Tensor, batch: int, hkv: int, tokens: int, d: int) -> float:
@@ -137,4 +154,5 @@ def sweep(case: KernelCase, hbm_read: float) -> list[dict[str, Any]]:
 
 
 COLUMNS = ["shape", "context", "budget", "batch", "resident_tokens", "resident_MB", "lsa_us",
-           "GBps", "pct_hbm", "full_us", "x_vs_full", "subset_us", "x_vs_subset", "command"]
+           "GBps", "pct_hbm", "read_us", "pct_read", "full_us", "x_vs_full", "subset_us",
+           "x_vs_subset", "command"]
