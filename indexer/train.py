@@ -1,9 +1,16 @@
 """Train the Neural Memory Indexer from dumped lookahead labels alone (no backbone is loaded).
 
-``flashmemory indexer train`` reads the label dump (``indexer.labels``), turns each training row
-into (lookahead query, positive chunk, hard negative chunk from the same document) triples and
-fine-tunes the text dual encoder with sentence-transformers' trainer and its multiple-negatives
-ranking loss (in-batch negatives plus the hard negative). A held-out tenth of the rows calibrates
+``flashmemory indexer train`` reads the label dump (``indexer.labels``) and fine-tunes the text
+dual encoder with sentence-transformers' trainer, with one of two losses:
+
+- ``mnrl`` (default): each training row becomes (lookahead query, positive chunk, hard negative
+  chunk from the same document) triples under the multiple-negatives ranking loss (in-batch
+  negatives plus the hard negative);
+- ``kl``: listwise distillation of the window's attention mass. Each row's candidates are cut
+  into groups of ``group`` chunks; the student's softmax over the group's cosine scores (at
+  ``temperature``) is fitted to the mass share of each chunk in the group by KL divergence, so
+  the ranking that mass recall measures is what is learned, not only the top few chunks.
+ A held-out tenth of the rows calibrates
 a score threshold (the lowest positive score that keeps ``target_recall`` of the positives) so
 that selection can follow scores, as in the paper. The checkpoint is a sentence-transformers
 directory plus ``flashmemory_indexer.json`` (format version, base model, data, threshold).
@@ -45,10 +52,17 @@ class TrainConfig:
     top_p: float | None = None
     max_positives: int | None = None
     seed: int = 0
+    loss: str = "mnrl"  # or "kl": listwise mass distillation
+    group: int = 8  # kl: candidates per example
+    temperature: float = 0.05  # kl: the student's softmax temperature over cosine scores
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_size < 2 or self.learning_rate <= 0:
             raise ValueError("epochs > 0, batch_size >= 2 and learning_rate > 0 are required")
+        if self.loss not in ("mnrl", "kl"):
+            raise ValueError(f"loss must be 'mnrl' or 'kl', got {self.loss!r}")
+        if self.group < 2 or self.temperature <= 0:
+            raise ValueError("group >= 2 and temperature > 0 are required")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
 
@@ -100,6 +114,57 @@ def triples(rows: list[dict[str, Any]], cfg: TrainConfig) -> list[tuple[str, str
     return out
 
 
+def mass_groups(rows: list[dict[str, Any]], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """kl examples: {query, chunk_0..chunk_{group-1}, label: their masses}. A row's candidates
+    are shuffled and cut into groups (the last one topped up from the rest of the row); groups
+    without mass are dropped."""
+    rng = random.Random(cfg.seed)
+    out = []
+    for r in rows:
+        pairs = list(zip(r["candidates"], r["mass"], strict=True))
+        if len(pairs) < cfg.group:
+            continue
+        rng.shuffle(pairs)
+        for i in range(0, len(pairs), cfg.group):
+            grp = pairs[i:i + cfg.group]
+            if len(grp) < cfg.group:
+                rest = pairs[:i]
+                grp += rng.sample(rest, cfg.group - len(grp))
+            masses = [max(0.0, float(m)) for _, m in grp]
+            if sum(masses) <= 0:
+                continue
+            ex = {"query": r["query"], "label": masses}
+            for j, (c, _) in enumerate(grp):
+                ex[f"chunk_{j}"] = chunk_view(r["chunk_texts"], c, cfg.overlap_chars)
+            out.append(ex)
+    rng.shuffle(out)
+    return out
+
+
+class MassKLLoss(torch.nn.Module):
+    """KL(mass share || softmax(cosine / temperature)) over each example's group of chunks.
+
+    Unlike sentence-transformers' DistillKLDivLoss this takes the teacher as a distribution
+    (masses, normalized here) and does not rescale by the temperature squared, so a sharp
+    student temperature keeps full-sized gradients."""
+
+    def __init__(self, model: Any, temperature: float = 0.05) -> None:
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+
+    def forward(self, sentence_features: list[dict[str, torch.Tensor]],
+                labels: torch.Tensor) -> torch.Tensor:
+        emb = [self.model(f)["sentence_embedding"] for f in sentence_features]
+        q = torch.nn.functional.normalize(emb[0], dim=-1)
+        docs = torch.nn.functional.normalize(torch.stack(emb[1:], dim=1), dim=-1)  # (B, K, E)
+        scores = torch.einsum("bke,be->bk", docs, q) / self.temperature
+        teacher = labels.float().clamp_min(0)
+        teacher = teacher / teacher.sum(-1, keepdim=True)
+        return torch.nn.functional.kl_div(torch.log_softmax(scores, -1), teacher,
+                                          reduction="batchmean")
+
+
 def calibrate(model: Any, rows: list[dict[str, Any]], cfg: TrainConfig) -> tuple[float, float]:
     """Threshold keeping ``target_recall`` of held-out positives, and the share of negatives
     it also keeps (the price of that recall)."""
@@ -148,30 +213,42 @@ def train(labels: Path, out_dir: Path, cfg: TrainConfig, device: str | None = No
     rng.shuffle(rows)
     held = rows[: max(1, len(rows) // 10)] if len(rows) >= 10 else []
     fit_rows = rows[len(held):]
-    data = triples(fit_rows, cfg)
+    data: list[Any] = triples(fit_rows, cfg) if cfg.loss == "mnrl" else mass_groups(fit_rows, cfg)
     if not data:
-        raise ValueError(f"{labels} has no training rows with positives (split 'train')")
+        raise ValueError(f"{labels} has no training rows with positives (split 'train')"
+                         if cfg.loss == "mnrl" else
+                         f"{labels} has no training row with >= {cfg.group} candidates and mass")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = SentenceTransformer(str(resolve_indexer(cfg.base)), device=device)
+    # fp32 whatever the base checkpoint stores: transformers 5 loads a checkpoint in its own
+    # dtype, and training fp16 weights with AdamW ran into NaN gradients within 20 steps
+    model = SentenceTransformer(str(resolve_indexer(cfg.base)), device=device,
+                                model_kwargs={"dtype": torch.float32})
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out_dir / "trainer"), num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
         warmup_ratio=cfg.warmup_ratio, seed=cfg.seed, save_strategy="no", report_to="none",
-        batch_sampler=BatchSamplers.NO_DUPLICATES, logging_steps=cfg.logging_steps,
+        batch_sampler=(BatchSamplers.NO_DUPLICATES if cfg.loss == "mnrl"
+                       else BatchSamplers.BATCH_SAMPLER), logging_steps=cfg.logging_steps,
         use_cpu=device == "cpu",
         disable_tqdm=True)
-    dataset = Dataset.from_dict({"anchor": [a for a, _, _ in data],
-                                 "positive": [p for _, p, _ in data],
-                                 "negative": [n for _, _, n in data]})
+    if cfg.loss == "mnrl":
+        dataset = Dataset.from_dict({"anchor": [a for a, _, _ in data],
+                                     "positive": [p for _, p, _ in data],
+                                     "negative": [n for _, _, n in data]})
+        loss: torch.nn.Module = MultipleNegativesRankingLoss(model)
+    else:  # columns in order: query, chunk_0.., then the label column the trainer splits off
+        cols = ["query", *(f"chunk_{j}" for j in range(cfg.group)), "label"]
+        dataset = Dataset.from_dict({c: [ex[c] for ex in data] for c in cols})
+        loss = MassKLLoss(model, cfg.temperature)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
-                                         loss=MultipleNegativesRankingLoss(model))
+                                         loss=loss)
     result = trainer.train()
     threshold, neg_kept = calibrate(model, held or fit_rows[:50], cfg)
     model.save(str(out_dir))
     meta = {"format": FORMAT, "version": FORMAT_VERSION,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "base": cfg.base, "config": asdict(cfg), "labels": str(labels),
-            "train_rows": len(fit_rows), "calibration_rows": len(held), "triples": len(data),
+            "train_rows": len(fit_rows), "calibration_rows": len(held), "examples": len(data),
             "families": sorted({r["family"] for r in fit_rows}),
             "train_loss": float(result.training_loss),
             "loss_curve": [h["loss"] for h in trainer.state.log_history if "loss" in h],

@@ -72,3 +72,31 @@ def test_training_fixes_what_zero_shot_gets_wrong_and_round_trips(tmp_path):
     trained = evaluate(held_out, {"trained": neural_scorer(str(out))}, (0.125,))
     trained_recall = next(r["recall"] for r in trained if r["family"] == "all")
     assert trained_recall >= zero_recall + 40, (zero_recall, trained_recall)
+
+
+def test_listwise_mass_distillation_learns_the_toy_task(tmp_path):
+    pq.write_table(pa.Table.from_pylist(_toy_rows(48, 0)), tmp_path / "toy.parquet")
+    held_out = _toy_rows(12, 1)
+    out = tmp_path / "trained-kl"
+    meta = train(tmp_path / "toy.parquet", out,
+                 TrainConfig(epochs=3, batch_size=8, learning_rate=1e-4, logging_steps=5,
+                             overlap_chars=0, loss="kl", group=8), device="cpu")
+    assert meta["config"]["loss"] == "kl" and meta["examples"] == 44  # 48 - 4 calibration rows
+    assert meta["loss_curve"][-1] < meta["loss_curve"][0]
+    res = evaluate(held_out, {"kl": neural_scorer(str(out))}, (0.125,))
+    assert next(r["recall"] for r in res if r["family"] == "all") >= 80
+
+
+def test_mass_groups_cover_each_row_and_keep_their_masses():
+    from flashmemory.indexer.train import mass_groups
+
+    rows = _toy_rows(2, 0)
+    rows[1]["candidates"], rows[1]["mass"] = rows[1]["candidates"][:5], rows[1]["mass"][:5]
+    rows.append({**rows[0], "mass": [0.0] * 8})  # no mass: no example
+    ex = mass_groups(rows, TrainConfig(group=3, overlap_chars=0))
+    assert len(ex) == 3 + 2  # 8 candidates -> 3 groups (last topped up), 5 -> 2
+    for e in ex:
+        assert len(e["label"]) == 3 and sum(e["label"]) > 0
+        assert len({e[f"chunk_{j}"] for j in range(3)}) == 3  # no chunk twice in a group
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(loss="hinge")
