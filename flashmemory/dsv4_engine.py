@@ -14,9 +14,12 @@ sink page (one, whatever the count); ``repredict_every`` as is.
 
 Modes: full, recency, random; oracle (the full model's lightning-indexer picks per page over the
 next ``oracle_window`` steps of a full decode run first: ``oracle.NativeOracleSelector``); lsa
-(the latent indexer: ``LSAConfig.indexer`` / ``EngineConfig.indexer`` names a checkpoint of
-``latent_train``; ``threshold`` and ``min_budget`` set its probability threshold and floor). The
-text (MiniLM) indexer and snapkv / quest are not wired for DS-V4. Footprint = resident CSA
+with either indexer that ``LSAConfig.indexer`` / ``EngineConfig.indexer`` names: a checkpoint of
+``latent_train`` (the paper's latent indexer; ``threshold`` and ``min_budget`` set its
+probability threshold and floor), or else the text indexer (``minilm`` or a trained
+sentence-transformers checkpoint), which embeds each page's text span and scores it against the
+lookahead query as on Llama (``TextPageSelector``; ``threshold`` is then a cosine score).
+snapkv / quest are not wired for DS-V4. Footprint = resident CSA
 entries / all CSA entries (summed over CSA layers) after each step, as ``LSAStats``: sliding
 windows and HCA entries always stay. TTFT = the prefill (plus, for oracle modes, the full run
 they read) and the first token; e2e adds this mode's decode only.
@@ -28,16 +31,17 @@ import itertools
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from flashmemory.config import EngineConfig, LSAConfig, SamplingParams
-from flashmemory.decode.loop import Sequence, emit, timing
+from flashmemory.decode.loop import Sequence, emit, lookahead_query, timing
 from flashmemory.engine import Engine
-from flashmemory.indexer.base import Selector
+from flashmemory.indexer.base import SelectionRequest, Selector
 from flashmemory.indexer.selectors import FullSelector, baseline_selector
-from flashmemory.indexer.train import META_FILE
 from flashmemory.model.deepseek_v4 import (
     CSA_PAGE_ENTRIES,
     DeepseekV4Config,
@@ -81,32 +85,74 @@ def check_lsa(lsa: LSAConfig, tokens_per_page: int) -> None:
     if lsa.threshold is not None and lsa.mode in ("random", "oracle"):
         raise ValueError(f"threshold: on DeepSeek-V4 it applies to the latent indexer (mode lsa) "
                          f"only, not to {lsa.mode}")
-    if lsa.threshold is not None and lsa.mode == "lsa":
-        LatentSelectConfig(lsa.threshold)  # ValueError unless a probability
 
 
-def latent_path(name: str) -> Path:
-    """``name`` as a latent indexer checkpoint directory; else ValueError saying what mode lsa
-    needs on DS-V4."""
-    path = Path(name).expanduser()
+def is_latent(name: str) -> bool:
+    """Whether ``name`` is a latent indexer checkpoint directory (else: a text indexer)."""
     try:
-        read_latent_meta(path)
-    except ValueError as e:
-        raise ValueError(f"mode lsa on DeepSeek-V4 needs a latent indexer checkpoint (--indexer "
-                         f"DIR, written by model.deepseek_v4.latent_train.train_latent); "
-                         f"{name!r} is not one ({e}); the text indexer is not wired for "
-                         "DeepSeek-V4 yet") from None
-    return path
+        read_latent_meta(Path(name).expanduser())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def check_indexer(lsa: LSAConfig, name: str) -> None:
+    """ValueError unless mode lsa's indexer ``name`` is a latent checkpoint (with a probability
+    threshold) or a text indexer that resolves (the ``minilm`` alias or a model directory)."""
+    if is_latent(name):
+        if lsa.threshold is not None:
+            LatentSelectConfig(lsa.threshold)  # ValueError unless a probability
+        return
+    from flashmemory.indexer.neural import resolve_indexer
+
+    try:
+        resolve_indexer(name)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"mode lsa on DeepSeek-V4 needs a latent indexer checkpoint "
+                         f"(`flashmemory indexer latent-train`) or a text indexer (minilm or a "
+                         f"sentence-transformers directory); {name!r} is neither ({e})") from None
 
 
 def check_configs(source: ModelSource, configs: list[LSAConfig], indexer: str) -> None:
     """What needs no weights (the CLI runs it before loading): each config's mode and chunk
-    size, and a latent checkpoint for each lsa config (its own indexer, else ``indexer``)."""
+    size, and for each lsa config an indexer that loads (its own, else ``indexer``)."""
     cfg = DeepseekV4Config.from_hf_dict(json.loads((source.path / "config.json").read_text()))
     for lsa in configs:
         check_lsa(lsa, page_tokens(cfg))
         if lsa.mode == "lsa":
-            latent_path(lsa.indexer or indexer)
+            check_indexer(lsa, lsa.indexer or indexer)
+
+
+def page_texts(prompt: Prompt, tokens_per_page: int, num_pages: int) -> list[str]:
+    """The prompt text each page covers: page p holds the CSA entries of tokens
+    [p * tokens_per_page, (p + 1) * tokens_per_page), cut by the tokens' character offsets."""
+    n = len(prompt.token_ids)
+    out = []
+    for p in range(num_pages):
+        t0, t1 = min(p * tokens_per_page, n - 1), min((p + 1) * tokens_per_page, n)
+        out.append(prompt.text[prompt.offsets[t0][0]:prompt.offsets[t1 - 1][1]])
+    return out
+
+
+class TextPageSelector:
+    """The text indexer over DS-V4 pages. ``LSADecoder`` asks with no query, so the lookahead
+    query (question + recently generated text) is read from the sequence being decoded; with a
+    threshold, candidates scoring below it are dropped unless among the top ``floor``."""
+
+    def __init__(self, indexer: Any, threshold: float | None, floor: int) -> None:
+        self.indexer, self.threshold, self.floor = indexer, threshold, floor
+        self.name = getattr(indexer, "name", "text")
+        self.seq: Sequence | None = None
+
+    def scores(self, req: SelectionRequest) -> torch.Tensor | None:
+        assert self.seq is not None, "set TextPageSelector.seq before decoding"
+        s = self.indexer.scores(replace(req, query=lookahead_query(self.seq))).float()
+        if self.threshold is not None:
+            rank = torch.empty_like(s)
+            rank[torch.argsort(s, descending=True, stable=True)] = torch.arange(
+                len(s), dtype=s.dtype)
+            s = torch.where((s >= self.threshold) | (rank < self.floor), s, float("-inf"))
+        return s
 
 
 class DSV4LLM(Engine):
@@ -123,16 +169,21 @@ class DSV4LLM(Engine):
         self.store = PageStore(mc, self.model.dtype)  # host side: every prefilled CSA page
         self.page_tokens = page_tokens(mc, self.store.page_entries)
         self._towers: dict[str, LatentTower] = {}  # latent checkpoints, loaded on first use
+        self._indexers = {}
         self._ids = itertools.count()
         check_lsa(config.lsa, self.page_tokens)
-        if config.lsa.mode == "lsa" and (Path(config.indexer) / META_FILE).is_file():
-            self.latent(config.indexer)  # now, not inside the first request's TTFT
+        if config.lsa.mode == "lsa":  # load now, not inside the first request's TTFT
+            check_indexer(config.lsa, config.indexer)
+            if is_latent(config.indexer):
+                self.latent(config.indexer)
+            else:
+                self.indexer_for(config.indexer)
 
     def latent(self, name: str) -> LatentTower:
         """The latent indexer checkpoint ``name`` (loaded once); ValueError if it is not one or
         was trained on another backbone's shapes."""
         if name not in self._towers:
-            tower = load_latent(latent_path(name), self.config.device)
+            tower = load_latent(Path(name).expanduser(), self.config.device)
             mc, tc = self.model.config, tower.cfg
             if (tc.hidden_size, tc.index_dim) != (mc.hidden_size, mc.index_head_dim):
                 raise ValueError(f"latent indexer {name!r} expects hidden size {tc.hidden_size} "
@@ -144,17 +195,27 @@ class DSV4LLM(Engine):
     def run_modes(self, prompt: Prompt, sampling: SamplingParams,
                   configs: list[LSAConfig]) -> list[RequestOutput]:
         """One prefill, then one decode per LSA config (the evaluation's inner loop)."""
+        texts = []  # text indexers to embed the pages for
         for lsa in configs:  # every config is checked before any work
             check_lsa(lsa, self.page_tokens)
             if lsa.mode == "lsa":
-                self.latent(lsa.indexer or self.config.indexer)
+                name = lsa.indexer or self.config.indexer
+                check_indexer(lsa, name)
+                if is_latent(name):
+                    self.latent(name)
+                else:
+                    texts.append(self.indexer_for(name))
         rid = f"d{next(self._ids)}"
         start = time.perf_counter()
         try:
-            # 1. prefill: the full cache, its CSA pages into the store
+            # 1. prefill: the full cache, its CSA pages into the store (and, for text indexers,
+            #    each page's text embedded)
             ids = torch.tensor(prompt.token_ids, device=self.model.embed.weight.device)
             pre = prefill_request(self.model, rid, ids, self.store,
                                   self.config.prefill_piece_tokens)
+            for indexer in dict.fromkeys(texts):
+                indexer.add_request(rid, page_texts(prompt, self.page_tokens,
+                                                    self.store.num_pages(rid)))
             lead = time.perf_counter() - start
             # 2. oracle modes read a full run's indexer picks first
             traces, oracle_s = None, 0.0
@@ -163,10 +224,12 @@ class DSV4LLM(Engine):
                 oracle_s = time.perf_counter() - start - lead
             # 3. one decode per config, each over its own resident copy of the prefilled cache
             return [self._decode(pre, prompt, sampling, c,
-                                 lead + (oracle_s if c.mode == "oracle" else 0.0), traces)
+                                 lead + (oracle_s if c.mode == "oracle" else 0.0), lead, traces)
                     for c in configs]
         finally:
             self.store.free(rid)
+            for indexer in self._indexers.values():
+                indexer.forget(rid)
 
     def _run(self, prompts: list[Prompt], sampling: SamplingParams | None,
              lsa: LSAConfig | None) -> list[RequestOutput]:
@@ -174,14 +237,18 @@ class DSV4LLM(Engine):
         return [self.run_modes(p, sampling, [lsa])[0] for p in prompts]
 
     def _decode(self, pre: Prefilled, prompt: Prompt, sampling: SamplingParams,
-                lsa: LSAConfig, lead: float,
+                lsa: LSAConfig, lead: float, pre_s: float,
                 traces: list[IndexerTrace] | None) -> RequestOutput:
-        """One mode; ``lead``: seconds of shared work before it (prefill, oracle run)."""
+        """One mode; ``lead``: seconds of shared work before it (prefill, oracle run), of which
+        ``pre_s`` the prefill (with the pages' text embedding)."""
         selector = self._selector(pre, lsa, traces)
         seq = Sequence(f"{pre.request}-{lsa.mode}", pre.request, prompt, sampling, lsa, selector,
                        time.perf_counter() - lead, make_generator(sampling))
+        if isinstance(selector, TextPageSelector):
+            selector.seq = seq  # its lookahead query follows this sequence's text
         dec = LSADecoder(self.model, self.store, pre, selector,
                          self._decoder_config(lsa, pre.request))
+        seq.prefill_s = pre_s
         self._generate(seq, pre.logits, dec)
         return _output(seq, dec.stats)
 
@@ -225,8 +292,11 @@ class DSV4LLM(Engine):
         if lsa.mode == "lsa":
             closed = self.store.num_closed(pre.request)
             floor = math.ceil(lsa.min_budget * closed - 1e-9) if lsa.threshold is not None else 0
+            name = lsa.indexer or self.config.indexer
+            if not is_latent(name):
+                return TextPageSelector(self.indexer_for(name), lsa.threshold, floor)
             threshold = LatentSelectConfig().threshold if lsa.threshold is None else lsa.threshold
-            return LatentSelector(self.latent(lsa.indexer or self.config.indexer), self.store,
+            return LatentSelector(self.latent(name), self.store,
                                   LatentSelectConfig(threshold, None, floor))
         selector = baseline_selector(lsa)
         assert selector is not None  # check_lsa let only full / recency / random through
@@ -253,6 +323,9 @@ def _output(seq: Sequence, st: LSAStats) -> RequestOutput:
         kv_footprint_mean=st.mean_resident_fraction, kv_footprint_peak=st.peak_resident_fraction,
         kv_bytes_transferred=st.bytes_moved, transfer_ratio=st.transfer_ratio,
         chunks_selected=sum(picked) / len(picked) if picked else 0.0, repredictions=len(picked),
-        **timing(seq, time.perf_counter()))
+        **timing(seq, time.perf_counter()), prefill_s=seq.prefill_s,
+        selection_s=st.selection_s, transfer_s=st.transfer_s,
+        admission_s=(st.reselections[0].select_s + st.reselections[0].transfer_s
+                     if st.reselections else 0.0))
     return RequestOutput(seq.store_id, seq.text, list(seq.out), seq.finish or "length",
                          seq.lsa.mode, stats)

@@ -60,6 +60,15 @@ class Engine(ABC):
     tokenizer: Any
     eos_ids: set[int]
     max_model_len: int
+    _indexers: dict[str, Any]  # text encoder name -> NeuralIndexer (loaded on use)
+
+    def indexer_for(self, name: str) -> Any:
+        """The text indexer ``name`` (``NeuralIndexer``), loaded once."""
+        if name not in self._indexers:
+            from flashmemory.indexer.neural import NeuralIndexer
+
+            self._indexers[name] = NeuralIndexer(name, device=self.config.device)
+        return self._indexers[name]
 
     def tokenize(self, prompt: str | Messages, chat: bool, query_chars: int = 400) -> Prompt:
         """Apply the chat template (chat=True) and tokenize with character offsets."""
@@ -103,6 +112,7 @@ class LLM(Engine):
         self.eos_ids, self.max_model_len = bb.eos_ids, bb.max_model_len
         self._indexers: dict[str, Any] = {}  # encoder name -> NeuralIndexer (loaded on use)
         self._keys: dict[str, PromptKeys] = {}  # store id -> the snapkv / quest baselines' view
+        self._prefill_s: dict[str, float] = {}  # store id -> seconds of its prefill
         self._ids = itertools.count()
         if cfg.lsa.mode == "lsa":
             _ = self.indexer  # load the encoder now, not inside the first request's TTFT
@@ -171,6 +181,7 @@ class LLM(Engine):
         """Prefill into the store, then what the configs' selectors need: chunk embeddings of
         each neural indexer, the backbone's view for snapkv / quest."""
         self._ensure_store(chunk_size)
+        t0 = time.perf_counter()
         observe = any(c.mode in ("snapkv", "quest") for c in configs)
         res = prefill(self.model, self.store, store_id, prompt.token_ids, prompt.offsets,
                       prompt.text, self.config.prefill_piece_tokens,
@@ -183,19 +194,15 @@ class LLM(Engine):
             keys = [self.store.layer_kv(store_id, i, res.num_tokens)[0]
                     for i in range(self.model.config.num_layers)]
             self._keys[store_id] = observe_prompt(res.window_q, keys, n, chunk_size)
+        if res.logits.is_cuda:
+            torch.cuda.synchronize(res.logits.device)
+        self._prefill_s[store_id] = time.perf_counter() - t0
         return res.logits
 
     @property
     def indexer(self) -> Any:
         """The engine's neural indexer (``EngineConfig.indexer``)."""
         return self.indexer_for(self.config.indexer)
-
-    def indexer_for(self, name: str) -> Any:
-        if name not in self._indexers:
-            from flashmemory.indexer.neural import NeuralIndexer
-
-            self._indexers[name] = NeuralIndexer(name, device=self.config.device)
-        return self._indexers[name]
 
     def _selector(self, lsa: LSAConfig, traces: dict[str, list[torch.Tensor]] | None,
                   store_id: str, tap: QueryTap | None) -> Selector:
@@ -215,7 +222,8 @@ class LLM(Engine):
         tap = QueryTap() if lsa.mode == "quest" else None
         return Sequence(rid, store_id, prompt, params, lsa,
                         self._selector(lsa, traces, store_id, tap), start,
-                        make_generator(params), tap=tap)
+                        make_generator(params), tap=tap,
+                        prefill_s=self._prefill_s.get(store_id, 0.0))
 
     def _oracle_traces(self, store_id: str, prompt: Prompt, sampling: SamplingParams,
                        configs: list[LSAConfig], first: torch.Tensor,
@@ -248,6 +256,7 @@ class LLM(Engine):
         for indexer in self._indexers.values():
             indexer.forget(store_id)
         self._keys.pop(store_id, None)
+        self._prefill_s.pop(store_id, None)
 
 
 def load_engine(config: EngineConfig) -> Engine:

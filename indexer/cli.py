@@ -1,4 +1,5 @@
-"""``flashmemory indexer build-corpus|dump|train|evaluate``: the indexer's training pipeline."""
+"""``flashmemory indexer build-corpus|dump|train|evaluate``: the text indexer's training pipeline;
+``latent-dump|latent-train|latent-evaluate``: the same for DeepSeek-V4's latent indexer."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
     """Register ``indexer``; ``csv`` parses lists, ``common`` adds the engine flags."""
     p = sub.add_parser("indexer", help="build corpora, dump labels, train and evaluate indexers")
     steps = p.add_subparsers(dest="step", required=True,
-                             metavar="{build-corpus,dump,train,evaluate}")
+                             metavar="{build-corpus,dump,train,evaluate,latent-dump,"
+                                     "latent-train,latent-evaluate}")
 
     c = steps.add_parser("build-corpus", help="write a corpus Parquet (synthetic and/or text)")
     c.add_argument("--out", type=Path, required=True)
@@ -43,11 +45,19 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--base", default="minilm")
     t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--batch-size", type=int,
+                   help="examples per step (default 32 for mnrl, 8 for kl: a kl example holds "
+                        "1 + group texts)")
     t.add_argument("--lr", type=float, default=3e-5)
     t.add_argument("--max-rows", type=int)
     t.add_argument("--top-p", type=float, help="re-derive positives: share of the window's mass")
     t.add_argument("--max-positives", type=int, help="re-derive positives: at most this many")
+    t.add_argument("--loss", choices=["mnrl", "kl"], default="mnrl",
+                   help="mnrl: (query, positive, hard negative) ranking; kl: listwise "
+                        "distillation of the window's attention mass over groups of chunks")
+    t.add_argument("--group", type=int, default=8, help="kl: chunks per example")
+    t.add_argument("--temperature", type=float, default=0.05,
+                   help="kl: softmax temperature over cosine scores")
     t.add_argument("--device", default=None)
 
     e = steps.add_parser("evaluate", help="selection recall of indexers against a label dump")
@@ -58,7 +68,40 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
     e.add_argument("--budgets", type=csv, default=["0.05", "0.1", "0.2"])
     e.add_argument("--json", type=Path, help="also write the result rows here")
     e.add_argument("--device", default="cpu")
-    for q in (c, t, e):
+
+    ld = steps.add_parser("latent-dump", help="DeepSeek-V4: full decodes over a corpus, writing "
+                          "the latent indexer's inputs and lookahead page labels")
+    ld.add_argument("--corpus", type=Path, required=True)
+    ld.add_argument("--out", type=Path, required=True, help="directory of Parquet pairs")
+    ld.add_argument("--split", choices=["train", "eval"], help="only this split (default both)")
+    ld.add_argument("--limit", type=int, help="at most this many documents")
+    ld.add_argument("--steps", type=int, default=128, help="decode steps per document")
+    ld.add_argument("--window", type=int, default=64, help="steps per label window")
+    ld.add_argument("--top-p", type=float, default=0.6)
+    ld.add_argument("--min-layers", type=int, default=3)
+    ld.add_argument("--layers", type=csv, help="CSA layers to dump (default: all)")
+    ld.add_argument("--max-prompt-tokens", type=int, default=65536)
+    common(ld)
+
+    lt = steps.add_parser("latent-train", help="train the latent indexer from a latent dump")
+    lt.add_argument("--dump", type=Path, required=True)
+    lt.add_argument("--out", type=Path, required=True)
+    lt.add_argument("--epochs", type=int, default=5)
+    lt.add_argument("--batch-windows", type=int, default=8)
+    lt.add_argument("--lr", type=float, default=3e-3)
+    lt.add_argument("--loss", choices=["bce", "focal"], default="bce")
+    lt.add_argument("--negatives", type=int, default=3, help="random negatives per positive")
+    lt.add_argument("--inner", type=int, default=256, help="tower width")
+    lt.add_argument("--pooling", choices=["max", "logsumexp"], default="max")
+
+    le = steps.add_parser("latent-evaluate", help="page recall of latent indexers on a dump")
+    le.add_argument("--dump", type=Path, required=True)
+    le.add_argument("--indexers", type=csv, required=True, help="latent checkpoint directories")
+    le.add_argument("--budgets", type=csv, default=["0.05", "0.1", "0.2"],
+                    help="KMAX = ceil(budget x pages)")
+    le.add_argument("--threshold", type=float, default=0.5, help="sigmoid score to keep a page")
+    le.add_argument("--json", type=Path, help="also write the result rows here")
+    for q in (c, t, e, lt, le):
         q.add_argument("-v", "--verbose", action="store_true")
         q.add_argument("--debug", action="store_true")
     p.set_defaults(func=run)
@@ -66,8 +109,9 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    return {"build-corpus": _build, "dump": _dump, "train": _train,
-            "evaluate": _evaluate}[args.step](args)
+    return {"build-corpus": _build, "dump": _dump, "train": _train, "evaluate": _evaluate,
+            "latent-dump": _latent_dump, "latent-train": _latent_train,
+            "latent-evaluate": _latent_evaluate}[args.step](args)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -101,9 +145,11 @@ def _dump(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from flashmemory.indexer.train import TrainConfig, train
 
-    cfg = TrainConfig(base=args.base, epochs=args.epochs, batch_size=args.batch_size,
+    batch = args.batch_size or (8 if args.loss == "kl" else 32)
+    cfg = TrainConfig(base=args.base, epochs=args.epochs, batch_size=batch,
                       learning_rate=args.lr, max_rows=args.max_rows, top_p=args.top_p,
-                      max_positives=args.max_positives)
+                      max_positives=args.max_positives, loss=args.loss, group=args.group,
+                      temperature=args.temperature)
     meta = train(args.labels, args.out, cfg, args.device)
     print(json.dumps(meta, indent=1))
     return 0
@@ -132,4 +178,69 @@ def _evaluate(args: argparse.Namespace) -> int:
                             "recall", "precision"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _latent_dump(args: argparse.Namespace) -> int:
+    import torch
+
+    from flashmemory.cli import UsageError
+    from flashmemory.config import EngineConfig
+    from flashmemory.dsv4_engine import DSV4LLM
+    from flashmemory.engine import load_engine
+    from flashmemory.indexer import corpus
+    from flashmemory.indexer.labels import fit_prompt
+    from flashmemory.model.deepseek_v4.latent_dump import LatentDumpConfig, dump_latent
+    from flashmemory.model.loader import model_type, resolve
+
+    try:
+        cfg = LatentDumpConfig(steps=args.steps, window=args.window, top_p=args.top_p,
+                               min_layers=args.min_layers,
+                               layers=tuple(int(x) for x in args.layers) if args.layers else None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if model_type(resolve(args.model)) != "deepseek_v4":  # before any weights load
+        raise UsageError(f"latent-dump needs a DeepSeek-V4 checkpoint; {args.model!r} is not one "
+                         "(the text indexer's labels come from `flashmemory indexer dump`)")
+    docs = corpus.read_corpus(args.corpus, args.split)[: args.limit]
+    llm = load_engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+    assert isinstance(llm, DSV4LLM)
+    prompts = {}
+    for doc in docs:  # the same chat prompt as the text indexer's dump, cut to fit
+        prompt = llm.tokenize(fit_prompt(llm, doc, args.max_prompt_tokens), chat=True)
+        prompts[doc.doc_id] = torch.tensor(prompt.token_ids, dtype=torch.long)
+    done = dump_latent(llm.model, prompts, args.out, cfg)
+    print(f"dumped {len(done)} documents to {args.out} ({len(prompts) - len(done)} already there)")
+    return 0
+
+
+def _latent_train(args: argparse.Namespace) -> int:
+    from flashmemory.model.deepseek_v4.latent_train import LatentTrainConfig, train_latent
+
+    cfg = LatentTrainConfig(epochs=args.epochs, batch_windows=args.batch_windows,
+                            learning_rate=args.lr, loss=args.loss, negatives=args.negatives,
+                            inner=args.inner, pooling=args.pooling)
+    _, meta = train_latent(args.dump, args.out, cfg)
+    print(json.dumps(meta, indent=1))
+    return 0
+
+
+def _latent_evaluate(args: argparse.Namespace) -> int:
+    from flashmemory.bench.common import markdown
+    from flashmemory.model.deepseek_v4.latent_dump import read_dump
+    from flashmemory.model.deepseek_v4.latent_indexer import LatentSelectConfig, load_latent
+    from flashmemory.model.deepseek_v4.latent_train import evaluate_latent
+
+    dump = read_dump(args.dump)
+    select = LatentSelectConfig(threshold=args.threshold)
+    rows = []
+    for name in args.indexers:
+        tower = load_latent(Path(name))
+        for b in args.budgets:
+            ev = evaluate_latent(tower, dump, select, float(b))
+            rows.append(dict(indexer=name, budget=float(b), windows=ev.windows,
+                             recall=100 * ev.recall, resident_pct=100 * ev.resident_fraction))
+    print(markdown(rows, ["indexer", "budget", "windows", "recall", "resident_pct"]))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
     return 0

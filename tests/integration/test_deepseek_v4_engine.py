@@ -98,6 +98,8 @@ def test_run_modes_stats_and_agreement(llm):
         assert 0 < st.kv_footprint_mean <= st.kv_footprint_peak <= 1.0
         assert st.kv_bytes_transferred > 0 and 0 < st.transfer_ratio <= 1.0
         assert 0 < st.ttft <= st.e2e and st.tpot > 0
+        assert 0 < st.prefill_s < st.ttft and st.admission_s > 0
+        assert st.admission_s == pytest.approx(st.selection_s + st.transfer_s)  # one selection
     for spec in ("full", *specs[3:]):
         assert outs[spec].stats.kv_footprint_mean == 1.0 and outs[spec].stats.transfer_ratio == 1.0
     assert outs["oracle:budget=1.0"].stats.chunks_selected == 3  # 1-3; sink 0, tail 4, partial 5
@@ -106,6 +108,28 @@ def test_run_modes_stats_and_agreement(llm):
     assert rec.kv_footprint_peak < 0.6
     assert outs["lsa"].stats.chunks_selected <= 1  # ceil(0.1 * 5 closed pages), threshold 0.5
     assert outs["lsa"].stats.kv_footprint_peak < 1.0
+
+
+def test_text_indexer_on_pages(llm):
+    """Mode lsa with the text indexer (MiniLM) on DS-V4: each page's text is embedded and ranked
+    against the lookahead query; at budget 1 decoding equals full; a threshold above any cosine
+    keeps none of the candidates; the embeddings are forgotten after the request."""
+    from flashmemory.dsv4_engine import page_texts
+
+    prompt = llm.tokenize(TEXT, chat=True)
+    texts = page_texts(prompt, llm.page_tokens, 6)
+    assert len(texts) == 6 and all(texts) and "".join(texts) == prompt.text
+    base = LSAConfig(mode="full", indexer="minilm")
+    specs = ["full", "lsa", "lsa:budget=1.0", "lsa:budget=1.0:threshold=2.0"]
+    configs = [mode_variant(s, base) for s in specs]
+    sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+    outs = dict(zip(specs, llm.run_modes(prompt, sampling, configs), strict=True))
+    assert outs["lsa:budget=1.0"].token_ids == outs["full"].token_ids
+    assert outs["lsa:budget=1.0"].stats.chunks_selected == 3  # pages 1-3 (sink 0, tail 4, 5)
+    assert outs["lsa"].stats.chunks_selected == 1  # ceil(0.1 x 5 closed pages)
+    assert outs["lsa"].stats.kv_footprint_peak < 1.0
+    assert outs["lsa:budget=1.0:threshold=2.0"].stats.chunks_selected == 0
+    assert not llm.indexer_for("minilm")._chunks  # every request forgotten
 
 
 def test_generate_chat_sampling_and_stops(llm):
@@ -129,7 +153,7 @@ def test_generate_chat_sampling_and_stops(llm):
 
 
 @pytest.mark.parametrize(("lsa", "match"), [
-    (LSAConfig(mode="lsa", indexer="minilm"), "text indexer is not wired for DeepSeek-V4"),
+    (LSAConfig(mode="lsa", indexer="/no/such/indexer"), "needs a latent indexer checkpoint"),
     (LSAConfig(mode="full", chunk_size=128), "chunk_size 128: DeepSeek-V4 keeps whole CSA pages"),
     (LSAConfig(mode="snapkv"), "not available for DeepSeek-V4"),
     (LSAConfig(mode="oracle", threshold=0.3), "applies to the latent indexer"),
@@ -170,9 +194,49 @@ def test_generate_cli(ckpt, latent, tmp_path, capsys):
     assert got["mode"] == "lsa" and got["model"] == str(ckpt)
     assert usage["num_prompt_chunks"] == 6 and 1 <= usage["completion_tokens"] <= 4
     assert 0 < usage["kv_footprint_mean"] < 1.0 and got["timing"]["ttft"] > 0
-    assert main(["generate", "--model", str(ckpt), "--prompt", "hi"]) == 2
+    assert main(["generate", "--model", str(ckpt), "--prompt", "hi", "--indexer",
+                 str(tmp_path / "nope")]) == 2
     assert "needs a latent indexer checkpoint" in capsys.readouterr().err
+    assert main(["generate", "--model", str(ckpt), "--prompt", "hi", "--indexer", str(latent),
+                 "--threshold", "1.5"]) == 2
+    assert "threshold must be in [0, 1]" in capsys.readouterr().err
     assert main(["eval", "--model", str(ckpt), "--modes", "full", "--chunk-size", "100",
                  "--out", str(tmp_path / "x")]) == 2
     assert "chunk_size 100" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_latent_indexer_cli_dump_train_evaluate_and_serve(ckpt, tmp_path, capsys):
+    """`flashmemory indexer latent-dump | latent-train | latent-evaluate` on the tiny DS-V4; the
+    trained checkpoint then serves mode lsa through `flashmemory generate`."""
+    from flashmemory.indexer import corpus
+
+    docs = list(corpus.synthetic(["retrieve"], 2, 5000, seed=5))
+    corpus.write_corpus(docs, tmp_path / "c.parquet")
+    dump, tower, res = tmp_path / "dump", tmp_path / "tower", tmp_path / "res.json"
+    argv = ["indexer", "latent-dump", "--model", str(ckpt), "--corpus", str(tmp_path / "c.parquet"),
+            "--out", str(dump), "--steps", "8", "--window", "4", "--min-layers", "1"]
+    assert main(argv) == 0
+    assert "dumped 2 documents" in capsys.readouterr().out
+    assert main(argv) == 0  # resumable: both documents are already there
+    assert "dumped 0 documents" in capsys.readouterr().out
+    assert main(["indexer", "latent-train", "--dump", str(dump), "--out", str(tower),
+                 "--epochs", "2", "--inner", "16"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["requests"] == 2 and meta["windows"] == 4 and len(meta["loss_curve"]) == 2
+    assert main(["indexer", "latent-evaluate", "--dump", str(dump), "--indexers", str(tower),
+                 "--json", str(res)]) == 0
+    assert "| indexer | budget | windows | recall | resident_pct |" in capsys.readouterr().out
+    rows = json.loads(res.read_text())
+    assert [r["budget"] for r in rows] == [0.05, 0.1, 0.2]
+    # ~1.2K-token prompts: 4 closed pages, so every budget up to 25% allows KMAX = 1 page
+    assert all(0 <= r["recall"] <= 100 and 0 <= r["resident_pct"] <= 25 for r in rows)
+    prompt = tmp_path / "p.txt"
+    prompt.write_text(TEXT)
+    assert main(["generate", "--model", str(ckpt), "--prompt-file", str(prompt),
+                 "--max-tokens", "4", "--json", "--indexer", str(tower)]) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "lsa"
+    # the text indexer's checkpoints and Llama models are refused with a message
+    assert main(["indexer", "latent-dump", "--model", "smollm2-135m-instruct", "--corpus",
+                 str(tmp_path / "c.parquet"), "--out", str(tmp_path / "d2")]) == 2
+    assert "needs a DeepSeek-V4 checkpoint" in capsys.readouterr().err
