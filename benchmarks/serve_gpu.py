@@ -5,7 +5,9 @@ IPC transport) and ``split`` (prefill on one GPU, decode on another, NCCL chunk 
 
 Usage: python benchmarks/serve_gpu.py --tokenizer DIR [--shape smollm2] [--lengths 8192,32768]
        [--layouts shared,split]
-Prints Markdown tables. Random weights: timings are real, answers are not.
+Prints Markdown tables: TTFT as the client sees it, with the request's split (the prefill
+worker's seconds; the first working set's selection + transfer, which the second token waits
+for; all transfers). Random weights: timings are real, answers are not.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ def stream_one(url: str, model: str, prompt: str, mode: str, budget: float,
     steps = max(usage.get("completion_tokens", n) - 1, 1)
     return {"ttft": first - t0, "tpot": (end - first) / steps,
             "footprint": usage.get("kv_footprint_mean"), "transfer": usage.get("transfer_ratio"),
-            "tokens": usage.get("prompt_tokens"), "text": "".join(text)}
+            "tokens": usage.get("prompt_tokens"), "text": "".join(text),
+            **{k: usage.get(k, 0.0) for k in ("prefill_s", "selection_s", "transfer_s",
+                                             "admission_s", "kv_bytes_transferred")}}
 
 
 def main() -> None:
@@ -115,15 +119,18 @@ def run_layout(layout: str, ckpt: Path, lengths: list[int],
              "paper", "window", "garden"]
     print(f"{torch.cuda.get_device_name()} | layout {layout} | shape {args.shape} bf16 random "
           f"weights | budget {args.budget} | {args.max_tokens} tokens generated")
-    print("| prompt tokens | mode | TTFT (s) | TPOT (ms) | KV footprint | transfer |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("| prompt tokens | mode | TTFT (s) | prefill (s) | admission: selection + transfer (s) "
+          "| transfer total (s) | KV moved (MB) | TPOT (ms) | KV footprint | transfer |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in lengths:
         prompt = " ".join(words[(i * 7) % len(words)] for i in range(n - 64))
         for mode in args.modes.split(","):
             stream_one(url, "m", prompt[:2000], mode, args.budget, 4)  # warm-up
             r = stream_one(url, "m", prompt, mode, args.budget, args.max_tokens)
             answers[(r["tokens"], mode)] = r["text"]
-            print(f"| {r['tokens']} | {mode} | {r['ttft']:.3f} | {1000 * r['tpot']:.2f} | "
+            print(f"| {r['tokens']} | {mode} | {r['ttft']:.3f} | {r['prefill_s']:.3f} | "
+                  f"{r['admission_s']:.3f} | {r['transfer_s']:.3f} | "
+                  f"{r['kv_bytes_transferred'] / 1e6:.1f} | {1000 * r['tpot']:.2f} | "
                   f"{r['footprint']:.3f} | {r['transfer']:.3f} |", flush=True)
     serve.shutdown()
     ray.shutdown()

@@ -41,6 +41,7 @@ class DecodeTask:
     prefill_rank: int
     first_token: int
     arrival: float  # client wall-clock time (time.time()) of arrival, for TTFT
+    prefill_s: float = 0.0  # the prefill worker's seconds (RequestStats.prefill_s)
 
 
 @dataclass(frozen=True)

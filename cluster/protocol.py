@@ -84,6 +84,10 @@ def usage(stats: Any) -> dict[str, Any]:
         "kv_bytes_transferred": stats.kv_bytes_transferred,
         "transfer_ratio": stats.transfer_ratio,
         "chunks_selected": stats.chunks_selected,
+        "prefill_s": stats.prefill_s,
+        "selection_s": stats.selection_s,
+        "transfer_s": stats.transfer_s,
+        "admission_s": stats.admission_s,
     }
 
 

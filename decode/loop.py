@@ -50,6 +50,10 @@ class Sequence:
     steps: int = 0
     error: str | None = None
     tap: QueryTap | None = None  # mode quest: the decode step keeps this sequence's queries
+    prefill_s: float = 0.0  # set by whoever ran the prefill (RequestStats' split)
+    selection_s: float = 0.0
+    transfer_s: float = 0.0
+    admission_s: float = 0.0
 
     @property
     def last_token(self) -> int:
@@ -152,8 +156,10 @@ class DecodeLoop:
         table = self.pool.tables[s.rid]
         n = table.num_prompt_chunks
         state = ResidencyState(s.store_id, n, table.num_tokens + 1, frozenset(table.pinned),
-                               s.steps, self._query(s))
+                               s.steps, lookahead_query(s))
+        t0 = time.perf_counter()
         target, chosen = self.select(s, state)
+        t1 = time.perf_counter()
         s.selected.append(chosen)
         # move the delta: evict first (frees pages), then one batched fetch
         resident = {i for i in table.pages if i < n}
@@ -168,11 +174,13 @@ class DecodeLoop:
                 raise
             self.pool.commit(s.rid, fetch, pages, None if payload is view else payload)
             s.bytes_moved += payload.numel() * payload.element_size()
-
-    def _query(self, s: Sequence) -> str:
-        """Lookahead query: the question (final user turn's tail) plus recently generated text."""
-        recent = s.text[-400:]
-        return f"{s.prompt.query} {recent}" if recent else s.prompt.query
+            if payload.is_cuda:  # copies and receives run on the stream: time them whole
+                torch.cuda.current_stream(payload.device).synchronize()
+        t2 = time.perf_counter()
+        s.selection_s += t1 - t0
+        s.transfer_s += t2 - t1
+        if s.steps == 0:
+            s.admission_s = t2 - t0
 
     def _emit(self, s: Sequence, token: int) -> None:
         emit(s, token, self.tokenizer, self.eos_ids, self.max_model_len)
@@ -192,7 +200,7 @@ class DecodeLoop:
             transfer_ratio=s.bytes_moved / full_bytes,
             chunks_selected=sum(s.selected) / len(s.selected) if s.selected else 0.0,
             repredictions=len(s.selected),
-            **timing(s, end),
+            **timing(s, end), **split(s),
         )
         return RequestOutput(s.store_id, s.text, list(s.out), s.finish or "length", s.lsa.mode,
                              stats)
@@ -221,3 +229,15 @@ def timing(s: Sequence, end: float) -> dict[str, float]:
     return {"ttft": s.first_token_at - s.start,
             "tpot": (end - s.first_token_at) / (n - 1) if n > 1 else 0.0,
             "e2e": end - s.start}
+
+
+def split(s: Sequence) -> dict[str, float]:
+    """Prefill / selection / transfer seconds of a sequence (RequestStats' fields)."""
+    return {"prefill_s": s.prefill_s, "selection_s": s.selection_s,
+            "transfer_s": s.transfer_s, "admission_s": s.admission_s}
+
+
+def lookahead_query(s: Sequence) -> str:
+    """Lookahead query: the question (final user turn's tail) plus recently generated text."""
+    recent = s.text[-400:]
+    return f"{s.prompt.query} {recent}" if recent else s.prompt.query

@@ -155,7 +155,7 @@ class DecodeWorker:
     def _admit(self, task: DecodeTask) -> None:
         gen = make_generator(task.sampling, offset=1)  # prefill used ``seed`` for token 1
         s = Sequence(task.request_id, task.request_id, task.prompt, task.sampling, task.lsa,
-                     FullSelector(), time.perf_counter(), gen)
+                     FullSelector(), time.perf_counter(), gen, prefill_s=task.prefill_s)
         self._tasks[s.rid] = task
         self.loop.add(s, task.first_token)
         s.first_token_at = s.start  # the first token came from prefill

@@ -310,7 +310,8 @@ def _cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
 def generate_json(out: RequestOutput, model: str) -> dict[str, Any]:
     """The ``generate --json`` object: text, finish_reason, mode, usage, timing."""
     stats = asdict(out.stats)
-    timing = {k: stats.pop(k) for k in ("ttft", "tpot", "e2e")}
+    timing = {k: stats.pop(k) for k in ("ttft", "tpot", "e2e", "prefill_s", "selection_s",
+                                        "transfer_s", "admission_s")}
     return {"text": out.text, "finish_reason": out.finish_reason, "mode": out.mode,
             "model": model, "usage": stats, "timing": timing}
 
@@ -327,6 +328,8 @@ def format_stats(out: RequestOutput) -> str:
         f"({100 * st.transfer_ratio:.1f}% of prompt KV), "
         f"{st.chunks_selected:.1f} chunks selected x {st.repredictions} re-predictions",
         f"timing      TTFT {st.ttft:.3f} s, TPOT {1000 * st.tpot:.1f} ms, e2e {st.e2e:.3f} s",
+        f"split       prefill {st.prefill_s:.3f} s, selection {st.selection_s:.3f} s, "
+        f"transfer {st.transfer_s:.3f} s (admission {st.admission_s:.3f} s)",
     ])
 
 

@@ -38,6 +38,13 @@ class RequestStats:
     ttft: float = 0.0  # seconds
     tpot: float = 0.0  # seconds per output token after the first
     e2e: float = 0.0
+    # where the time before decoding went (seconds; the first token comes from the prefill's
+    # logits, so TTFT holds the prefill, and the admission's selection and transfer are what the
+    # second token waits for)
+    prefill_s: float = 0.0  # the prefill's compute
+    selection_s: float = 0.0  # choosing resident sets, summed over re-predictions
+    transfer_s: float = 0.0  # moving chunks into the decode pool, summed over re-predictions
+    admission_s: float = 0.0  # selection + transfer of the first working set (step 0)
 
 
 @dataclass

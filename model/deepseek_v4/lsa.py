@@ -18,6 +18,7 @@ attention inputs at the last token processed (``HiddenTap``) before each re-pred
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -80,6 +81,8 @@ class Reselection:
     fetched: tuple[int, ...]
     evicted: tuple[int, ...]
     bytes: int  # bytes read from the store (the fetched pages' payload)
+    select_s: float = 0.0  # seconds planning (the selector included)
+    transfer_s: float = 0.0  # seconds evicting, reading and placing the pages
 
 
 @dataclass
@@ -100,6 +103,14 @@ class LSAStats:
     def transfer_ratio(self) -> float:
         """Bytes moved store -> decode over the bytes of all prompt pages."""
         return self.bytes_moved / max(1, self.num_pages * self.page_bytes)
+
+    @property
+    def selection_s(self) -> float:
+        return sum(r.select_s for r in self.reselections)
+
+    @property
+    def transfer_s(self) -> float:
+        return sum(r.transfer_s for r in self.reselections)
 
     @property
     def mean_resident_fraction(self) -> float:
@@ -211,6 +222,7 @@ class LSADecoder:
         self.num_closed = store.num_closed(self.request)
         self.cache = open_resident(prefilled.cache, cfg.page_entries)  # no CSA entry yet
         self.first_token = int(prefilled.logits.argmax())
+        self.cache_device = prefilled.logits.device
         self.csa_layers = csa_layers(model)
         self.hidden = dict(prefilled.hidden)  # CSA inputs at the last token processed
         self.stats = LSAStats(self.request, self.num_pages, store.page_bytes)
@@ -234,15 +246,19 @@ class LSADecoder:
     def repredict(self, step: int) -> Reselection:
         """Plan, evict the prompt pages no longer wanted, fetch the missing ones in one read."""
         e = self.cfg.page_entries
+        t0 = time.perf_counter()
         target, selected = self.plan(step)
+        t1 = time.perf_counter()
         held = {p for p in resident_pages(self.cache, e) if p < self.num_pages}
         evicted, fetched = sorted(held - target), sorted(target - held)
         if evicted:
             evict_pages(self.cache, evicted, e)
         payload = self.store.read(self.request, fetched)
         fetch_pages(self.cache, payload)
+        if self.cache_device.type == "cuda":  # time the copies whole
+            torch.cuda.current_stream(self.cache_device).synchronize()
         rec = Reselection(step, tuple(sorted(target)), selected, tuple(fetched),
-                          tuple(evicted), payload.nbytes)
+                          tuple(evicted), payload.nbytes, t1 - t0, time.perf_counter() - t1)
         self.stats.reselections.append(rec)
         return rec
 

@@ -88,6 +88,9 @@ def test_chat_non_streaming_and_streaming(oai) -> None:
     u = r.usage.model_dump()
     assert 0 < u["kv_footprint_mean"] < 0.3 and 0 < u["transfer_ratio"] < 0.3
     assert u["chunks_selected"] > 0 and u["kv_bytes_transferred"] > 0
+    # the split: prefill on its worker, the indexer's plans, the chunk transfers over gloo
+    assert u["prefill_s"] > 0 and u["selection_s"] > 0 and u["transfer_s"] > 0
+    assert 0 < u["admission_s"] <= u["selection_s"] + u["transfer_s"] + 1e-9
     parts, usage = [], None
     for chunk in oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=32,
                                              temperature=0, stream=True):

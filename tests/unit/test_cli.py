@@ -83,6 +83,11 @@ def test_generate_json(tmp_path: Path) -> None:
     assert usage["kv_footprint_mean"] <= usage["kv_footprint_peak"]
     assert usage["kv_bytes_transferred"] > 0 and usage["chunks_selected"] >= 0
     assert 0.0 < timing["ttft"] <= timing["e2e"] and timing["tpot"] >= 0.0
+    # the split: the prefill (with the chunks' embedding) sits inside TTFT; the first working
+    # set's selection and transfer are part of the totals and come after the first token
+    assert 0.0 < timing["prefill_s"] < timing["ttft"]
+    assert timing["selection_s"] > 0.0 and timing["transfer_s"] > 0.0
+    assert 0.0 < timing["admission_s"] <= timing["selection_s"] + timing["transfer_s"] + 1e-9
 
 
 def test_main_in_process_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -113,5 +118,6 @@ def test_generate_json_shape() -> None:
     stats = RequestStats(prompt_tokens=5, completion_tokens=2, ttft=0.5, tpot=0.1, e2e=0.6)
     out = generate_json(RequestOutput("r", "hi", [1, 2], "length", "full", stats), "m")
     assert set(out) == {"text", "finish_reason", "mode", "model", "usage", "timing"}
-    assert out["timing"] == {"ttft": 0.5, "tpot": 0.1, "e2e": 0.6}
+    assert out["timing"] == {"ttft": 0.5, "tpot": 0.1, "e2e": 0.6, "prefill_s": 0.0,
+                             "selection_s": 0.0, "transfer_s": 0.0, "admission_s": 0.0}
     assert "ttft" not in out["usage"] and out["usage"]["prompt_tokens"] == 5
