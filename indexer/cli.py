@@ -56,6 +56,8 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
                    help="mnrl: (query, positive, hard negative) ranking; kl: listwise "
                         "distillation of the window's attention mass over groups of chunks")
     t.add_argument("--group", type=int, default=8, help="kl: chunks per example")
+    t.add_argument("--groupings", type=int, default=1,
+                   help="kl: independent shuffles of each row into groups")
     t.add_argument("--temperature", type=float, default=0.05,
                    help="kl: softmax temperature over cosine scores")
     t.add_argument("--device", default=None)
@@ -149,6 +151,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(base=args.base, epochs=args.epochs, batch_size=batch,
                       learning_rate=args.lr, max_rows=args.max_rows, top_p=args.top_p,
                       max_positives=args.max_positives, loss=args.loss, group=args.group,
+                      groupings=args.groupings,
                       temperature=args.temperature)
     meta = train(args.labels, args.out, cfg, args.device)
     print(json.dumps(meta, indent=1))

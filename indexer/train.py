@@ -54,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     loss: str = "mnrl"  # or "kl": listwise mass distillation
     group: int = 8  # kl: candidates per example
+    groupings: int = 1  # kl: independent shuffles of each row into groups (more pairs compared)
     temperature: float = 0.05  # kl: the student's softmax temperature over cosine scores
 
     def __post_init__(self) -> None:
@@ -61,8 +62,8 @@ class TrainConfig:
             raise ValueError("epochs > 0, batch_size >= 2 and learning_rate > 0 are required")
         if self.loss not in ("mnrl", "kl"):
             raise ValueError(f"loss must be 'mnrl' or 'kl', got {self.loss!r}")
-        if self.group < 2 or self.temperature <= 0:
-            raise ValueError("group >= 2 and temperature > 0 are required")
+        if self.group < 2 or self.temperature <= 0 or self.groupings < 1:
+            raise ValueError("group >= 2, groupings >= 1 and temperature > 0 are required")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
 
@@ -116,28 +117,35 @@ def triples(rows: list[dict[str, Any]], cfg: TrainConfig) -> list[tuple[str, str
 
 def mass_groups(rows: list[dict[str, Any]], cfg: TrainConfig) -> list[dict[str, Any]]:
     """kl examples: {query, chunk_0..chunk_{group-1}, label: their masses}. A row's candidates
-    are shuffled and cut into groups (the last one topped up from the rest of the row); groups
-    without mass are dropped."""
+    are shuffled and cut into groups (the last one topped up from the rest of the row),
+    ``cfg.groupings`` times with independent shuffles; groups without mass are dropped."""
     rng = random.Random(cfg.seed)
     out = []
     for r in rows:
-        pairs = list(zip(r["candidates"], r["mass"], strict=True))
-        if len(pairs) < cfg.group:
+        if len(r["candidates"]) < cfg.group:
             continue
-        rng.shuffle(pairs)
-        for i in range(0, len(pairs), cfg.group):
-            grp = pairs[i:i + cfg.group]
-            if len(grp) < cfg.group:
-                rest = pairs[:i]
-                grp += rng.sample(rest, cfg.group - len(grp))
-            masses = [max(0.0, float(m)) for _, m in grp]
-            if sum(masses) <= 0:
-                continue
-            ex = {"query": r["query"], "label": masses}
-            for j, (c, _) in enumerate(grp):
-                ex[f"chunk_{j}"] = chunk_view(r["chunk_texts"], c, cfg.overlap_chars)
-            out.append(ex)
+        for _ in range(cfg.groupings):
+            out += _groups(r, cfg, rng)
     rng.shuffle(out)
+    return out
+
+
+def _groups(r: dict[str, Any], cfg: TrainConfig, rng: random.Random) -> list[dict[str, Any]]:
+    """One shuffle of row ``r``'s candidates cut into kl examples."""
+    out = []
+    pairs = list(zip(r["candidates"], r["mass"], strict=True))
+    rng.shuffle(pairs)
+    for i in range(0, len(pairs), cfg.group):
+        grp = pairs[i:i + cfg.group]
+        if len(grp) < cfg.group:
+            grp += rng.sample(pairs[:i], cfg.group - len(grp))
+        masses = [max(0.0, float(m)) for _, m in grp]
+        if sum(masses) <= 0:
+            continue
+        ex = {"query": r["query"], "label": masses}
+        for j, (c, _) in enumerate(grp):
+            ex[f"chunk_{j}"] = chunk_view(r["chunk_texts"], c, cfg.overlap_chars)
+        out.append(ex)
     return out
 
 

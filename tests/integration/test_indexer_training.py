@@ -98,5 +98,7 @@ def test_mass_groups_cover_each_row_and_keep_their_masses():
     for e in ex:
         assert len(e["label"]) == 3 and sum(e["label"]) > 0
         assert len({e[f"chunk_{j}"] for j in range(3)}) == 3  # no chunk twice in a group
+    twice = mass_groups(rows, TrainConfig(group=3, overlap_chars=0, groupings=2))
+    assert len(twice) == 2 * len(ex)  # a second, independent shuffle of every row
     with pytest.raises(ValueError, match="loss"):
         TrainConfig(loss="hinge")
