@@ -116,6 +116,12 @@ LSA = Dashboard("flashmemory-lsa", "FlashMemory / Lookahead Sparse Attention",
          f"(rate({m('flashmemory_transfer_bytes_total')}[{RATE}]))")], "Bps"),
     Panel("Transfer latency per route", quantiles("flashmemory_transfer_seconds", "src, dst"),
           "s"),
+    Panel("Prefill and selection latency", [
+        *(("prefill " + t, e) for t, e in quantiles("flashmemory_prefill_seconds", match=WORKER)),
+        *(("selection " + t, e)
+          for t, e in quantiles("flashmemory_selection_seconds", match=WORKER))],
+        "s", "Prefill worker seconds per request (inside TTFT) and the time to plan one "
+        "re-prediction (the first one, with the transfer, is what the second token waits for)."),
 ], [])
 
 WORKERS = Dashboard("flashmemory-workers", "FlashMemory / Workers",

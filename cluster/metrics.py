@@ -60,6 +60,12 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
         "counter", "Chunk bytes moved prefill -> decode", ("src", "dst"), None),
     "flashmemory_transfer_seconds": (
         "histogram", "Latency of one chunk transfer", ("src", "dst"), LATENCY_BUCKETS),
+    "flashmemory_prefill_seconds": (
+        "histogram", "Prefill worker seconds per request (prefill and chunk embedding)",
+        ("worker",), LATENCY_BUCKETS),
+    "flashmemory_selection_seconds": (
+        "histogram", "Seconds planning one re-prediction (the indexer's plan included)",
+        ("worker",), LATENCY_BUCKETS),
     "flashmemory_transfer_payload_bytes": (
         "histogram", "Bytes of one chunk transfer", ("src", "dst"), BYTES_BUCKETS),
     "flashmemory_repredictions_total": ("counter", "Re-predictions", ("worker",), None),

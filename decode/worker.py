@@ -187,6 +187,7 @@ class DecodeWorker:
         (at admission: recency + sinks), counted as a fallback."""
         import ray
 
+        t0 = time.perf_counter()
         try:
             planned = ray.get(self.indexer.plan.remote(s.store_id, s.lsa, state),
                               timeout=self.cfg.indexer_timeout_s)
@@ -200,6 +201,7 @@ class DecodeWorker:
             self.metrics.inc("flashmemory_indexer_fallbacks_total", reason=reason)
             planned = self._keep_resident(s, state)
         target, chosen = planned
+        self.metrics.observe("flashmemory_selection_seconds", time.perf_counter() - t0)
         self.metrics.observe("flashmemory_chunks_selected", chosen)
         self.metrics.inc("flashmemory_repredictions_total")
         self.metrics.inc("flashmemory_chunks_selected_total", chosen)

@@ -65,8 +65,10 @@ class PrefillWorker:
             raise
         payload_bytes = self.store.read(task.request_id, [0]).nbytes
         self.metrics.set("flashmemory_chunk_store_bytes", self.store.nbytes())
+        seconds = time.perf_counter() - t0
+        self.metrics.observe("flashmemory_prefill_seconds", seconds)
         return PrefillReply(task.request_id, self.rank, first, len(res.metas), payload_bytes,
-                            time.perf_counter() - t0)
+                            seconds)
 
     def _register(self, request_id: str, emb: Any, owner: Any) -> None:
         """Hand the chunk embeddings to the indexer; if it cannot take them (dead, restarting
