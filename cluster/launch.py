@@ -39,9 +39,23 @@ def _options(cfg: ClusterConfig, resources: dict[str, float]) -> dict[str, Any]:
     return opts
 
 
+def check_backbone(cfg: ClusterConfig) -> None:
+    """ValueError, before any actor starts, for a checkpoint the workers cannot load: a
+    DeepSeek-V4 one runs in one process only so far (``flashmemory generate`` / ``eval``)."""
+    from flashmemory.model.loader import model_type, resolve
+
+    if model_type(resolve(cfg.engine.model)) == "deepseek_v4":
+        raise ValueError(f"{cfg.engine.model!r} is a DeepSeek-V4 checkpoint: the cluster "
+                         "(flashmemory serve, the Serve app, eval --cluster) does not run "
+                         "DeepSeek-V4 yet; use `flashmemory generate` or `flashmemory eval` "
+                         "without --cluster (one process)")
+
+
 def start_workers(cfg: ClusterConfig) -> ClusterHandles:
     """Create indexer, prefill and decode actors; wait until ready."""
     import ray
+
+    check_backbone(cfg)
 
     from flashmemory.decode.worker import DecodeWorker
     from flashmemory.indexer.actor import IndexerActor

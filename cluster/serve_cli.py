@@ -83,9 +83,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     apps, http = applications(args)
     for a in apps:  # validate the config before starting anything
         from flashmemory.cluster.config_io import cluster_config_from_dict
+        from flashmemory.cluster.launch import check_backbone
 
         if a.get("import_path", DEFAULT_IMPORT_PATH) == DEFAULT_IMPORT_PATH:
-            cluster_config_from_dict(dict(a.get("args") or {}))
+            check_backbone(cluster_config_from_dict(dict(a.get("args") or {})))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.api_key:  # the Serve replicas of this local cluster inherit the environment
         from flashmemory.cluster.serve_app import API_KEY_ENV

@@ -240,3 +240,19 @@ def test_latent_indexer_cli_dump_train_evaluate_and_serve(ckpt, tmp_path, capsys
     assert main(["indexer", "latent-dump", "--model", "smollm2-135m-instruct", "--corpus",
                  str(tmp_path / "c.parquet"), "--out", str(tmp_path / "d2")]) == 2
     assert "needs a DeepSeek-V4 checkpoint" in capsys.readouterr().err
+
+
+def test_cluster_refuses_deepseek_v4_before_starting_anything(ckpt, capsys):
+    """`flashmemory serve` (and the Serve app, which calls the same check in start_workers)
+    names the problem instead of failing inside a worker's constructor."""
+    import ray
+
+    from flashmemory.cluster.config import ClusterConfig
+    from flashmemory.cluster.launch import check_backbone
+
+    assert main(["serve", "--model", str(ckpt)]) == 1
+    assert "does not run DeepSeek-V4 yet" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    with pytest.raises(ValueError, match="without --cluster"):
+        check_backbone(ClusterConfig(engine=EngineConfig(model=str(ckpt))))
+    check_backbone(ClusterConfig())  # the default (SmolLM2) passes
