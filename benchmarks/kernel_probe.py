@@ -14,7 +14,7 @@ import itertools
 import torch
 
 from flashmemory.bench.common import hbm_read_bandwidth, time_graph_ms
-from flashmemory.bench.kernel import _read_us
+from flashmemory.bench.kernel import read_us
 from flashmemory.kernels import lsa_decode as K
 
 CALLS = 8
@@ -49,7 +49,7 @@ def main(sweep: bool) -> None:
         floor = batch * tokens * hkv * d * 4 / bw * 1e6
         default = time_us(q, lens, sets)
         no_pdl = time_us(q, lens, sets, pdl=False)
-        read = _read_us(batch * tokens * hkv * d * 4, q.device)
+        read = read_us(batch * tokens * hkv * d * 4, q.device)
         print(f"{name} tokens={tokens} B={batch} floor={floor:.1f}us default={default:.1f}us "
               f"({100 * floor / default:.0f}%) without PDL="
               f"{no_pdl:.1f}us | stream read of the same bytes {read:.1f}us "

@@ -96,13 +96,14 @@ def is_latent(name: str) -> bool:
     return True
 
 
-def check_indexer(lsa: LSAConfig, name: str) -> None:
-    """ValueError unless mode lsa's indexer ``name`` is a latent checkpoint (with a probability
-    threshold) or a text indexer that resolves (the ``minilm`` alias or a model directory)."""
+def check_indexer(lsa: LSAConfig, name: str) -> bool:
+    """Whether mode lsa's indexer ``name`` is a latent checkpoint (with a probability
+    threshold), else a text indexer that resolves (the ``minilm`` alias or a model directory);
+    ValueError if neither."""
     if is_latent(name):
         if lsa.threshold is not None:
             LatentSelectConfig(lsa.threshold)  # ValueError unless a probability
-        return
+        return True
     from flashmemory.indexer.neural import resolve_indexer
 
     try:
@@ -111,6 +112,7 @@ def check_indexer(lsa: LSAConfig, name: str) -> None:
         raise ValueError(f"mode lsa on DeepSeek-V4 needs a latent indexer checkpoint "
                          f"(`flashmemory indexer latent-train`) or a text indexer (minilm or a "
                          f"sentence-transformers directory); {name!r} is neither ({e})") from None
+    return False
 
 
 def check_configs(source: ModelSource, configs: list[LSAConfig], indexer: str) -> None:
@@ -173,8 +175,7 @@ class DSV4LLM(Engine):
         self._ids = itertools.count()
         check_lsa(config.lsa, self.page_tokens)
         if config.lsa.mode == "lsa":  # load now, not inside the first request's TTFT
-            check_indexer(config.lsa, config.indexer)
-            if is_latent(config.indexer):
+            if check_indexer(config.lsa, config.indexer):
                 self.latent(config.indexer)
             else:
                 self.indexer_for(config.indexer)
@@ -200,9 +201,8 @@ class DSV4LLM(Engine):
             check_lsa(lsa, self.page_tokens)
             if lsa.mode == "lsa":
                 name = lsa.indexer or self.config.indexer
-                check_indexer(lsa, name)
-                if is_latent(name):
-                    self.latent(name)
+                if check_indexer(lsa, name):
+                    self.latent(name)  # loaded: _selector tells the two kinds apart by this
                 else:
                     texts.append(self.indexer_for(name))
         rid = f"d{next(self._ids)}"
@@ -293,7 +293,7 @@ class DSV4LLM(Engine):
             closed = self.store.num_closed(pre.request)
             floor = math.ceil(lsa.min_budget * closed - 1e-9) if lsa.threshold is not None else 0
             name = lsa.indexer or self.config.indexer
-            if not is_latent(name):
+            if name not in self._towers:  # run_modes loaded every latent checkpoint it uses
                 return TextPageSelector(self.indexer_for(name), lsa.threshold, floor)
             threshold = LatentSelectConfig().threshold if lsa.threshold is None else lsa.threshold
             return LatentSelector(self.latent(name), self.store,
@@ -324,8 +324,6 @@ def _output(seq: Sequence, st: LSAStats) -> RequestOutput:
         kv_bytes_transferred=st.bytes_moved, transfer_ratio=st.transfer_ratio,
         chunks_selected=sum(picked) / len(picked) if picked else 0.0, repredictions=len(picked),
         **timing(seq, time.perf_counter()), prefill_s=seq.prefill_s,
-        selection_s=st.selection_s, transfer_s=st.transfer_s,
-        admission_s=(st.reselections[0].select_s + st.reselections[0].transfer_s
-                     if st.reselections else 0.0))
+        selection_s=st.selection_s, transfer_s=st.transfer_s, admission_s=st.admission_s)
     return RequestOutput(seq.store_id, seq.text, list(seq.out), seq.finish or "length",
                          seq.lsa.mode, stats)

@@ -190,7 +190,6 @@ def _latent_dump(args: argparse.Namespace) -> int:
     from flashmemory.cli import UsageError
     from flashmemory.config import EngineConfig
     from flashmemory.dsv4_engine import DSV4LLM
-    from flashmemory.engine import load_engine
     from flashmemory.indexer import corpus
     from flashmemory.indexer.labels import fit_prompt
     from flashmemory.model.deepseek_v4.latent_dump import LatentDumpConfig, dump_latent
@@ -206,8 +205,7 @@ def _latent_dump(args: argparse.Namespace) -> int:
         raise UsageError(f"latent-dump needs a DeepSeek-V4 checkpoint; {args.model!r} is not one "
                          "(the text indexer's labels come from `flashmemory indexer dump`)")
     docs = corpus.read_corpus(args.corpus, args.split)[: args.limit]
-    llm = load_engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
-    assert isinstance(llm, DSV4LLM)
+    llm = DSV4LLM(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
     prompts = {}
     for doc in docs:  # the same chat prompt as the text indexer's dump, cut to fit
         prompt = llm.tokenize(fit_prompt(llm, doc, args.max_prompt_tokens), chat=True)

@@ -10,10 +10,11 @@ dual encoder with sentence-transformers' trainer, with one of two losses:
   into groups of ``group`` chunks; the student's softmax over the group's cosine scores (at
   ``temperature``) is fitted to the mass share of each chunk in the group by KL divergence, so
   the ranking that mass recall measures is what is learned, not only the top few chunks.
- A held-out tenth of the rows calibrates
-a score threshold (the lowest positive score that keeps ``target_recall`` of the positives) so
-that selection can follow scores, as in the paper. The checkpoint is a sentence-transformers
-directory plus ``flashmemory_indexer.json`` (format version, base model, data, threshold).
+
+A held-out tenth of the rows calibrates a score threshold (the lowest positive score that keeps
+``target_recall`` of the positives) so that selection can follow scores, as in the paper. The
+checkpoint is a sentence-transformers directory plus ``flashmemory_indexer.json`` (format
+version, base model, data, threshold).
 """
 
 from __future__ import annotations

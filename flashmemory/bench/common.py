@@ -78,9 +78,7 @@ def hbm_read_bandwidth(device: str = "cuda", gib: int = 4) -> dict[str, float]:
     """Measured HBM bandwidth in bytes/s: the best of a streaming-read Triton kernel and a torch
     reduction (read-only), and a copy (read + write bytes)."""
     x = torch.randn(gib * 2**29, dtype=torch.bfloat16, device=device)  # gib GiB
-    out = torch.empty(x.numel() // _READ_BLOCK, dtype=torch.float32, device=device)
-    grid = (out.numel(),)
-    t_stream = time_graph_ms(lambda: _stream_read[grid](x, out, BLOCK=_READ_BLOCK, num_warps=8))
+    t_stream = time_graph_ms(stream_reader(x))
     t_sum = time_graph_ms(lambda: x.sum(dtype=torch.float32))
     y = torch.empty_like(x)
     copy = 2 * x.nbytes / (time_graph_ms(lambda: y.copy_(x)) / 1e3)
@@ -88,6 +86,13 @@ def hbm_read_bandwidth(device: str = "cuda", gib: int = 4) -> dict[str, float]:
 
 
 _READ_BLOCK = 8192
+
+
+def stream_reader(x: torch.Tensor) -> Callable[[], Any]:
+    """A launch of the streaming-read kernel over ``x`` (bf16, a multiple of 8192 elements;
+    16 KiB per program): what one kernel reading those bytes can reach."""
+    out = torch.empty(x.numel() // _READ_BLOCK, dtype=torch.float32, device=x.device)
+    return lambda: _stream_read[(out.numel(),)](x, out, BLOCK=_READ_BLOCK, num_warps=8)
 
 
 @triton.jit

@@ -14,7 +14,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flashmemory.bench.common import _READ_BLOCK, SHAPES, _stream_read, command, time_graph_ms
+from flashmemory.bench.common import (
+    _READ_BLOCK,
+    SHAPES,
+    command,
+    stream_reader,
+    time_graph_ms,
+)
 from flashmemory.kernels.lsa_decode import lsa_decode, resident_bytes
 
 logger = logging.getLogger(__name__)
@@ -61,7 +67,7 @@ def run_case(case: KernelCase, hbm_read: float, baselines: bool = True) -> dict[
         GBps=nbytes / t_lsa / 1e6, pct_hbm=100 * nbytes / (t_lsa / 1e3) / hbm_read,
         command=command(case.argv()))
     if baselines:
-        row["read_us"] = _read_us(nbytes, q.device)
+        row["read_us"] = read_us(nbytes, q.device)
         row["pct_read"] = 100 * row["read_us"] / row["lsa_us"]
         q4 = q.unsqueeze(2)  # (B, Hq, 1, D)
         row["subset_us"] = _sdpa_or_none(q4, case.batch, hkv, seq, d)
@@ -101,14 +107,12 @@ def _lsa_ms(case: KernelCase, q: torch.Tensor, hkv: int, keep: int, seq: int) ->
     return _per_call_ms(make, pages * case.chunk * hkv * d * 2 * q.element_size())
 
 
-def _read_us(nbytes: int, device: torch.device) -> float:
-    """A streaming read (one Triton kernel, 16 KiB per program) of ``nbytes``, timed as LSA."""
-    n = -(-nbytes // 2 // _READ_BLOCK) * _READ_BLOCK
+def read_us(nbytes: int, device: torch.device) -> float:
+    """A streaming read of ``nbytes`` (``common.stream_reader``), timed as LSA."""
+    n = -(-nbytes // 2 // _READ_BLOCK) * _READ_BLOCK  # bf16 elements, whole programs
 
     def make() -> Callable[[], Any]:
-        x = torch.randn(n, dtype=torch.bfloat16, device=device)
-        out = torch.empty(n // _READ_BLOCK, dtype=torch.float32, device=device)
-        return lambda: _stream_read[(out.numel(),)](x, out, BLOCK=_READ_BLOCK, num_warps=8)
+        return stream_reader(torch.randn(n, dtype=torch.bfloat16, device=device))
 
     t = _per_call_ms(make, nbytes) * 1e3
     torch.cuda.empty_cache()

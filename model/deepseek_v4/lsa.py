@@ -113,6 +113,12 @@ class LSAStats:
         return sum(r.transfer_s for r in self.reselections)
 
     @property
+    def admission_s(self) -> float:
+        """Planning and fetching of the first resident set (step 0)."""
+        first = self.reselections[:1]
+        return sum(r.select_s + r.transfer_s for r in first)
+
+    @property
     def mean_resident_fraction(self) -> float:
         return sum(self.resident_fraction) / max(1, len(self.resident_fraction))
 
