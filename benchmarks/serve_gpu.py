@@ -4,10 +4,13 @@ IPC transport) and ``split`` (prefill on one GPU, decode on another, NCCL chunk 
 2 GPUs). With both, the greedy full-KV answers of the two layouts are compared token for token.
 
 Usage: python benchmarks/serve_gpu.py --tokenizer DIR [--shape smollm2] [--lengths 8192,32768]
-       [--layouts shared,split]
+       [--modes full,random,lsa] [--indexer DIR] [--layouts shared,split]
 Prints Markdown tables: TTFT as the client sees it, with the request's split (the prefill
 worker's seconds; the first working set's selection + transfer, which the second token waits
-for; all transfers). Random weights: timings are real, answers are not.
+for; all selections; all transfers, their count, mean latency and GB/s). Mode ``lsa`` uses
+``--indexer`` (a sentence-transformers directory; default: the packaged MiniLM). Every row checks
+that the bytes moved are whole chunks and equal the transfer ratio times the prompt's KV. Random
+weights: timings are real, answers are not.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ def stream_one(url: str, model: str, prompt: str, mode: str, budget: float,
             "footprint": usage.get("kv_footprint_mean"), "transfer": usage.get("transfer_ratio"),
             "tokens": usage.get("prompt_tokens"), "text": "".join(text),
             **{k: usage.get(k, 0.0) for k in ("prefill_s", "selection_s", "transfer_s",
-                                             "admission_s", "kv_bytes_transferred")}}
+                                             "admission_s", "kv_bytes_transferred",
+                                             "transfers")}}
 
 
 def main() -> None:
@@ -78,6 +82,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="8192,32768")
     ap.add_argument("--modes", default="full,random")
     ap.add_argument("--budget", type=float, default=0.1)
+    ap.add_argument("--indexer", default="minilm", help="mode lsa's encoder")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--layouts", default="shared", help="shared and/or split (2 GPUs)")
     args = ap.parse_args()
@@ -111,7 +116,8 @@ def run_layout(layout: str, ckpt: Path, lengths: list[int],
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build({"served_model_name": "m", "num_gpus_per_worker": 1 if split else 0.5,
                      "num_cpus_per_worker": 1, "torch_threads": 4,
-                     "engine": {"model": str(ckpt), "device": "cuda", "dtype": "bfloat16"},
+                     "engine": {"model": str(ckpt), "device": "cuda", "dtype": "bfloat16",
+                                "indexer": args.indexer},
                      "lsa": {"budget": args.budget}}), name="fm", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     answers = {}
@@ -120,21 +126,39 @@ def run_layout(layout: str, ckpt: Path, lengths: list[int],
     print(f"{torch.cuda.get_device_name()} | layout {layout} | shape {args.shape} bf16 random "
           f"weights | budget {args.budget} | {args.max_tokens} tokens generated")
     print("| prompt tokens | mode | TTFT (s) | prefill (s) | admission: selection + transfer (s) "
-          "| transfer total (s) | KV moved (MB) | TPOT (ms) | KV footprint | transfer |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| selection total (s) | transfers | transfer total (s) | ms per transfer | GB/s "
+          "| KV moved (MB) | TPOT (ms) | KV footprint | transfer ratio |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    token_bytes = 2 * 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"]
     for n in lengths:
         prompt = " ".join(words[(i * 7) % len(words)] for i in range(n - 64))
         for mode in args.modes.split(","):
             stream_one(url, "m", prompt[:2000], mode, args.budget, 4)  # warm-up
             r = stream_one(url, "m", prompt, mode, args.budget, args.max_tokens)
             answers[(r["tokens"], mode)] = r["text"]
+            moved, n = r["kv_bytes_transferred"], max(r["transfers"], 1)
+            check_bytes(moved, r["transfer"], r["tokens"], token_bytes)
             print(f"| {r['tokens']} | {mode} | {r['ttft']:.3f} | {r['prefill_s']:.3f} | "
-                  f"{r['admission_s']:.3f} | {r['transfer_s']:.3f} | "
-                  f"{r['kv_bytes_transferred'] / 1e6:.1f} | {1000 * r['tpot']:.2f} | "
-                  f"{r['footprint']:.3f} | {r['transfer']:.3f} |", flush=True)
+                  f"{r['admission_s']:.3f} | {r['selection_s']:.3f} | {r['transfers']} | "
+                  f"{r['transfer_s']:.3f} | {1000 * r['transfer_s'] / n:.2f} | "
+                  f"{moved / max(r['transfer_s'], 1e-9) / 1e9:.1f} | {moved / 1e6:.1f} | "
+                  f"{1000 * r['tpot']:.2f} | {r['footprint']:.3f} | {r['transfer']:.3f} |",
+                  flush=True)
     serve.shutdown()
     ray.shutdown()
     return answers
+
+
+def check_bytes(moved: int, ratio: float, tokens: int, token_bytes: int,
+                chunk: int = 64) -> None:
+    """The bytes a request moved are whole chunks and its transfer ratio's share of the
+    prompt's chunk KV (the last chunk is padded to a whole page)."""
+    page = chunk * token_bytes
+    full = -(-tokens // chunk) * page
+    if moved % page or abs(moved - ratio * full) > page / 2:
+        raise SystemExit(f"bytes moved {moved} are not the selected chunks' bytes "
+                         f"({ratio:.4f} x {full})")
 
 
 if __name__ == "__main__":

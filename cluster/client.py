@@ -146,15 +146,16 @@ class ClusterClient:
 
     async def generate(self, prompt: Prompt, sampling: SamplingParams,
                        lsa: LSAConfig | None = None) -> RequestOutput:
-        text, final = "", None
+        text, ids, final = "", [], None
         async for ev in self.stream(prompt, sampling, lsa):
             text += ev.text_delta
+            ids += ev.token_ids
             final = ev
         assert final is not None
         if final.finish_reason == "error":
             raise RequestFailedError(final.error or "request failed")
         stats = final.stats or RequestStats()
-        return RequestOutput(final.request_id, text, [], final.finish_reason or "length",
+        return RequestOutput(final.request_id, text, ids, final.finish_reason or "length",
                              (lsa or self.h.cfg.engine.lsa).mode, stats)
 
     def generate_sync(self, prompts: list[Prompt], sampling: SamplingParams,

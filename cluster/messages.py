@@ -50,7 +50,7 @@ class TokenEvent:
 
     request_id: str
     text_delta: str
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the new tokens behind text_delta
     finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled"
     stats: RequestStats | None = None  # with the final event
     error: str | None = None

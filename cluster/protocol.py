@@ -88,6 +88,7 @@ def usage(stats: Any) -> dict[str, Any]:
         "selection_s": stats.selection_s,
         "transfer_s": stats.transfer_s,
         "admission_s": stats.admission_s,
+        "transfers": stats.transfers,
     }
 
 

@@ -20,6 +20,16 @@ def setup_process(cfg: ClusterConfig) -> None:
     logging.basicConfig(level=logging.INFO)
 
 
+def placement(cfg: ClusterConfig) -> dict[str, str | None]:
+    """Where this worker runs, for its ``stats``: the chunk transport (``nccl``, ``gloo`` or
+    ``ipc``) and the UUID of the GPU it was given (None on CPU), which tells apart workers that
+    each see their GPU as ``cuda:0``."""
+    device = torch.device(cfg.engine.device)
+    gpu = str(torch.cuda.get_device_properties(device).uuid) if device.type == "cuda" else None
+    ipc = cfg.resolved_transport() == "ipc"
+    return {"transport": "ipc" if ipc else cfg.backend, "gpu": gpu}
+
+
 def make_transport(cfg: ClusterConfig) -> ChunkTransport:
     device = torch.device(cfg.engine.device)
     if cfg.resolved_transport() == "ipc":

@@ -42,6 +42,7 @@ class ChunkPool:
         self.kv = torch.zeros((initial_pages, *page_shape), dtype=dtype, device=device)
         self._free = list(range(initial_pages - 1, -1, -1))
         self.tables: dict[str, ResidentTable] = {}
+        self.internal_pages = 0  # held by the decode runner itself (``alloc_internal``)
 
     @property
     def page_bytes(self) -> int:
@@ -57,7 +58,15 @@ class ChunkPool:
         return self.kv.shape[0]
 
     def pages_in_use(self) -> int:
-        return self.num_pages - len(self._free)
+        """Pages holding requests' chunks (the runner's own pages are not counted)."""
+        return self.num_pages - len(self._free) - self.internal_pages
+
+    def alloc_internal(self) -> int:
+        """One page for the decode runner's own use (padding rows of captured graphs write
+        there), held for the pool's lifetime and left out of ``pages_in_use``."""
+        page = self.alloc(1)[0]
+        self.internal_pages += 1
+        return page
 
     def _grow(self, need: int) -> None:
         old = self.num_pages

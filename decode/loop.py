@@ -54,6 +54,7 @@ class Sequence:
     selection_s: float = 0.0
     transfer_s: float = 0.0
     admission_s: float = 0.0
+    transfers: int = 0
 
     @property
     def last_token(self) -> int:
@@ -174,6 +175,7 @@ class DecodeLoop:
                 raise
             self.pool.commit(s.rid, fetch, pages, None if payload is view else payload)
             s.bytes_moved += payload.numel() * payload.element_size()
+            s.transfers += 1
             if payload.is_cuda:  # copies and receives run on the stream: time them whole
                 torch.cuda.current_stream(payload.device).synchronize()
         t2 = time.perf_counter()
@@ -232,9 +234,11 @@ def timing(s: Sequence, end: float) -> dict[str, float]:
 
 
 def split(s: Sequence) -> dict[str, float]:
-    """Prefill / selection / transfer seconds of a sequence (RequestStats' fields)."""
+    """Prefill / selection / transfer seconds of a sequence and its number of transfers
+    (RequestStats' fields)."""
     return {"prefill_s": s.prefill_s, "selection_s": s.selection_s,
-            "transfer_s": s.transfer_s, "admission_s": s.admission_s}
+            "transfer_s": s.transfer_s, "admission_s": s.admission_s,
+            "transfers": s.transfers}
 
 
 def lookahead_query(s: Sequence) -> str:

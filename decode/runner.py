@@ -177,7 +177,7 @@ class DecodeRunner:
         if bb is None:
             return None  # larger than any bucket: eager
         if self.scratch is None:
-            self.scratch = self.pool.alloc(1)[0]  # may grow the pool: before the pointer check
+            self.scratch = self.pool.alloc_internal()  # may grow the pool: before the pointer check
         if self.graphs and next(iter(self.graphs.values())).kv_ptr != self.pool.kv.data_ptr():
             logger.info("chunk pool grew: re-capturing decode graphs")
             self.graphs.clear()  # the pool was reallocated; old graphs point at freed memory

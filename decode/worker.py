@@ -18,7 +18,7 @@ from ray.exceptions import RayError
 from flashmemory.cluster.config import ClusterConfig
 from flashmemory.cluster.messages import DecodeTask, TokenEvent
 from flashmemory.cluster.metrics import Metrics, process_rss
-from flashmemory.cluster.runtime import make_transport, setup_process
+from flashmemory.cluster.runtime import make_transport, placement, setup_process
 from flashmemory.cluster.transport import TransferPlan, transfer_ids
 from flashmemory.decode.chunk_pool import ChunkPool
 from flashmemory.decode.loop import DecodeLoop, Sequence
@@ -44,12 +44,13 @@ class DecodeWorker:
         shape = chunk_shape(mc.num_layers, mc.num_kv_heads, mc.head_dim, e.lsa.chunk_size)
         self.pool = ChunkPool(shape, e.torch_dtype, e.device)
         self.transport = make_transport(cfg)
+        self.placement = placement(cfg)
         self.loop = DecodeLoop(self.bb.model, self.pool, self.bb.tokenizer, self.bb.eos_ids,
                                self.bb.max_model_len, self._fetch, self._select,
                                DecodeRunner(self.bb.model, self.pool, e.attention, e.cuda_graphs))
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
-        self._sent: dict[str, int] = {}  # chars of text already streamed per request
+        self._sent: dict[str, tuple[int, int]] = {}  # (chars, token ids) streamed per request
         self._tasks: dict[str, DecodeTask] = {}
         self._ids = transfer_ids(rank)
         self._aio: asyncio.AbstractEventLoop | None = None
@@ -103,7 +104,8 @@ class DecodeWorker:
         return {"active": len(self.loop.active), "pages_in_use": self.pool.pages_in_use(),
                 "page_bytes": self.pool.page_bytes, "bytes_received": self.bytes_received,
                 "pages_total": self.pool.num_pages, "tables": len(self.pool.tables),
-                "indexer_fallbacks": self.fallbacks, "rss_bytes": process_rss()}
+                "indexer_fallbacks": self.fallbacks, "rss_bytes": process_rss(),
+                **self.placement}
 
     # -- decode thread --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -162,7 +164,7 @@ class DecodeWorker:
         self._publish(s)
 
     def _publish(self, s: Sequence) -> None:
-        sent = self._sent.get(s.rid, 0)
+        sent, sent_ids = self._sent.get(s.rid, (0, 0))
         if s.finish is None and len(s.text) <= sent:
             return  # nothing new to stream yet
         stats = None
@@ -175,8 +177,8 @@ class DecodeWorker:
             self._sent.pop(s.rid, None)
             self._tasks.pop(s.rid, None)
         else:
-            self._sent[s.rid] = len(s.text)
-        ev = TokenEvent(s.rid, s.text[sent:], [], s.finish, stats, s.error)
+            self._sent[s.rid] = (len(s.text), len(s.out))
+        ev = TokenEvent(s.rid, s.text[sent:], s.out[sent_ids:], s.finish, stats, s.error)
         q = self._streams.get(s.rid)
         if q is not None and self._aio is not None:
             self._aio.call_soon_threadsafe(q.put_nowait, ev)

@@ -329,7 +329,8 @@ def format_stats(out: RequestOutput) -> str:
         f"{st.chunks_selected:.1f} chunks selected x {st.repredictions} re-predictions",
         f"timing      TTFT {st.ttft:.3f} s, TPOT {1000 * st.tpot:.1f} ms, e2e {st.e2e:.3f} s",
         f"split       prefill {st.prefill_s:.3f} s, selection {st.selection_s:.3f} s, "
-        f"transfer {st.transfer_s:.3f} s (admission {st.admission_s:.3f} s)",
+        f"transfer {st.transfer_s:.3f} s in {st.transfers} transfers "
+        f"(admission {st.admission_s:.3f} s)",
     ])
 
 

@@ -324,6 +324,7 @@ def _output(seq: Sequence, st: LSAStats) -> RequestOutput:
         kv_bytes_transferred=st.bytes_moved, transfer_ratio=st.transfer_ratio,
         chunks_selected=sum(picked) / len(picked) if picked else 0.0, repredictions=len(picked),
         **timing(seq, time.perf_counter()), prefill_s=seq.prefill_s,
-        selection_s=st.selection_s, transfer_s=st.transfer_s, admission_s=st.admission_s)
+        selection_s=st.selection_s, transfer_s=st.transfer_s, admission_s=st.admission_s,
+        transfers=sum(1 for r in st.reselections if r.bytes))
     return RequestOutput(seq.store_id, seq.text, list(seq.out), seq.finish or "length",
                          seq.lsa.mode, stats)

@@ -45,6 +45,7 @@ class RequestStats:
     selection_s: float = 0.0  # choosing resident sets, summed over re-predictions
     transfer_s: float = 0.0  # moving chunks into the decode pool, summed over re-predictions
     admission_s: float = 0.0  # selection + transfer of the first working set (step 0)
+    transfers: int = 0  # batched chunk fetches (one transport message each)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from flashmemory.cluster.config import ClusterConfig
 from flashmemory.cluster.faults import Failpoints, Fault
 from flashmemory.cluster.messages import PrefillReply, PrefillTask
 from flashmemory.cluster.metrics import Metrics, process_rss
-from flashmemory.cluster.runtime import make_transport, setup_process
+from flashmemory.cluster.runtime import make_transport, placement, setup_process
 from flashmemory.cluster.transport import TorchDistTransport, TransferError, TransferPlan
 from flashmemory.model.loader import load_backbone
 from flashmemory.prefill.chunk_store import ChunkStore
@@ -33,6 +33,7 @@ class PrefillWorker:
         self.store = ChunkStore(mc.num_layers, mc.num_kv_heads, mc.head_dim, e.lsa.chunk_size,
                                 e.torch_dtype, e.device, e.store_capacity_bytes)
         self.transport = make_transport(cfg)
+        self.placement = placement(cfg)
         self._encoder: Any = None
         self.bytes_sent = 0
         self.metrics = Metrics({"worker": f"prefill-{rank}"})
@@ -127,10 +128,10 @@ class PrefillWorker:
         self.store.free(request_id)
         self.metrics.set("flashmemory_chunk_store_bytes", self.store.nbytes())
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         return {"requests": len(self.store.requests()), "store_bytes": self.store.nbytes(),
                 "bytes_sent": self.bytes_sent, "staged": self.transport.num_staged(),
-                "rss_bytes": process_rss()}
+                "rss_bytes": process_rss(), **self.placement}
 
     def max_model_len(self) -> int:
         return self.bb.max_model_len

@@ -253,3 +253,46 @@ def sharpen_dsv4_indexer(model, factor: float) -> None:
         for block in model.layers:
             if block.attn.indexer is not None:
                 block.attn.indexer.weights_proj.weight.mul_(factor)
+
+
+def save_byte_tokenizer(path: Path) -> Path:
+    """A byte-level tokenizer of 257 ids (256 bytes, then ``<eos>``) saved to ``path``: what a
+    tiny random checkpoint needs to serve text prompts. Returns ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    assert fast.eos_token_id == 256 and len(fast) == 257
+    fast.save_pretrained(path)
+    return path
+
+
+def save_tiny_servable(path: Path, **extra: object) -> Path:
+    """A tiny random Llama (kernel-sized heads: 64) with the byte tokenizer: a checkpoint the
+    engine and the cluster load by path, on CPU or GPU."""
+    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 max_position_embeddings=8192, eos_token_id=256, bos_token_id=None)
+    save_tiny("llama", path, **{**shape, **extra})
+    return save_byte_tokenizer(path)
+
+
+def save_tiny_indexer(path: Path) -> Path:
+    """A tiny random BERT dual encoder (mean pooling) on the byte tokenizer, saved as a
+    sentence-transformers directory: mode ``lsa`` without the packaged MiniLM."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    enc = path / "encoder"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=257, hidden_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=128,
+                         max_position_embeddings=512)).save_pretrained(enc)
+    save_byte_tokenizer(enc)
+    body = models.Transformer(str(enc), max_seq_length=256)
+    SentenceTransformer(modules=[body, models.Pooling(64, "mean")], device="cpu").save(str(path))
+    return path

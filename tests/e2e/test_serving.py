@@ -116,7 +116,7 @@ def test_cluster_answer_equals_engine(server, llm: LLM, mode: str) -> None:
     prompt = llm.tokenize(NEEDLE, chat=True)
     ref = llm.run_modes(prompt, sp, [lsa])[0]
     got = client.generate_sync([prompt], sp, lsa)[0]
-    assert got.text == ref.text and "6464353" in got.text
+    assert got.text == ref.text and "6464353" in got.text and got.token_ids == ref.token_ids
     assert got.stats.kv_bytes_transferred == ref.stats.kv_bytes_transferred
     assert got.stats.kv_footprint_mean == pytest.approx(ref.stats.kv_footprint_mean)
 

@@ -60,6 +60,17 @@ def test_pool_load_evict_grow_and_close() -> None:
     assert pool.pages_in_use() == 0 and not pool.tables
 
 
+def test_runner_pages_are_not_counted_as_requests_pages() -> None:
+    pool = ChunkPool((1, 2, 1, 4, 2), torch.float32, initial_pages=1)
+    scratch = pool.alloc_internal()  # the decode runner's padding page (CUDA graphs)
+    assert pool.pages_in_use() == 0 and pool.internal_pages == 1
+    pool.open("r", 4)
+    pool.load("r", [0], torch.ones(1, 1, 2, 1, 4, 2))  # grows: the scratch page stays taken
+    assert pool.pages_in_use() == 1 and pool.tables["r"].pages[0] != scratch
+    pool.close("r")
+    assert pool.pages_in_use() == 0
+
+
 def test_decode_refuses_a_missing_tail_chunk() -> None:
     pool = ChunkPool((1, 2, 1, 4, 2), torch.float32)
     pool.open("r", 10)
