@@ -164,15 +164,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def default_splits(batch: int, num_kv_heads: int, max_blocks: int, num_sms: int = 132) -> int:
-    """Splits per (request, KV head): about 3 programs per SM, at most 128 and one per block.
+def default_splits(batch: int, num_kv_heads: int, max_blocks: int, num_sms: int = 132,
+                   head_dim: int = 128) -> int:
+    """Splits per (request, KV head): about 3 programs per SM at head_dim 128 and 6 at 64 (a
+    block of D=64 carries half the bytes, so twice the programs keep as many in flight), at
+    most 256 and one per block.
 
-    Measured on the H200 (docs/BENCHMARKS.md, benchmarks/kernel_probe.py): at batch 1 the
-    SmolLM2 shape (3 KV heads) gains up to 22% from 128 splits over 33; at batch 8 on the
-    Llama-3-8B shape 17 splits were 3-7% slower than 5.
+    Measured on the H200 (docs/BENCHMARKS.md section 4, benchmarks/kernel_probe.py and
+    ``flashmemory bench kernel --sweep``): at batch 1 the SmolLM2 shape (3 KV heads, D=64) gains
+    up to 22% from 128 splits over 33 and 10% more from 256 over 132 at 52K resident tokens; at
+    batch 8 it is fastest at 32 splits (10% over 17); at batch 8 on the Llama-3-8B shape
+    (D=128) 17 splits were 3-7% slower than 5.
     """
-    want = -(-3 * num_sms // max(1, batch * num_kv_heads))
-    return max(1, min(want, max_blocks, 128))
+    per_sm = 3 * max(1, 128 // head_dim)
+    want = -(-per_sm * num_sms // max(1, batch * num_kv_heads))
+    return max(1, min(want, max_blocks, 256))
 
 
 def block_size(chunk_size: int) -> int:
@@ -239,7 +245,7 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
         max_blocks = -(-block_table.shape[1] * c // bn)
         sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
                if q.is_cuda else 132)
-        num_splits = default_splits(b, hkv, max_blocks, sms)
+        num_splits = default_splits(b, hkv, max_blocks, sms, d)
     scale = d ** -0.5 if scale is None else scale
     if pdl is None:
         pdl = _pdl_ok(q.device)
