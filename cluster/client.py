@@ -47,7 +47,7 @@ class ClusterClient:
             # 2. the indexer picks the decode worker; one that is dead gets the request elsewhere
             stage = "decode"
             task = DecodeTask(rid, prompt, sampling, lsa, reply.prefill_rank, reply.first_token,
-                              time.time(), reply.prefill_s)
+                              time.time(), reply.prefill_s, reply.state)
             index, decode = await self._submit(rid, task)
             self._waiting(-1)
             # 3. stream tokens; the decode worker pulls selected chunks as it goes

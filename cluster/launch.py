@@ -39,27 +39,33 @@ def _options(cfg: ClusterConfig, resources: dict[str, float]) -> dict[str, Any]:
     return opts
 
 
-def check_backbone(cfg: ClusterConfig) -> None:
-    """ValueError, before any actor starts, for a checkpoint the workers cannot load: a
-    DeepSeek-V4 one runs in one process only so far (``flashmemory generate`` / ``eval``)."""
+def check_backbone(cfg: ClusterConfig) -> bool:
+    """Whether the checkpoint is DeepSeek-V4 (its workers: ``prefill.dsv4_worker``,
+    ``decode.dsv4_worker``); for one, ValueError before any actor starts when the cluster's
+    LSA settings or indexer do not fit it (``dsv4_engine.check_configs``)."""
     from flashmemory.model.loader import model_type, resolve
 
-    if model_type(resolve(cfg.engine.model)) == "deepseek_v4":
-        raise ValueError(f"{cfg.engine.model!r} is a DeepSeek-V4 checkpoint: the cluster "
-                         "(flashmemory serve, the Serve app, eval --cluster) does not run "
-                         "DeepSeek-V4 yet; use `flashmemory generate` or `flashmemory eval` "
-                         "without --cluster (one process)")
+    source = resolve(cfg.engine.model)
+    if model_type(source) != "deepseek_v4":
+        return False
+    from flashmemory.dsv4_engine import check_configs
+
+    check_configs(source, [cfg.engine.lsa], cfg.engine.indexer)
+    return True
 
 
 def start_workers(cfg: ClusterConfig) -> ClusterHandles:
     """Create indexer, prefill and decode actors; wait until ready."""
     import ray
 
-    check_backbone(cfg)
-
-    from flashmemory.decode.worker import DecodeWorker
     from flashmemory.indexer.actor import IndexerActor
-    from flashmemory.prefill.worker import PrefillWorker
+
+    if check_backbone(cfg):
+        from flashmemory.decode.dsv4_worker import DSV4DecodeWorker as DecodeWorker
+        from flashmemory.prefill.dsv4_worker import DSV4PrefillWorker as PrefillWorker
+    else:
+        from flashmemory.decode.worker import DecodeWorker
+        from flashmemory.prefill.worker import PrefillWorker
 
     p, d = cfg.num_prefill, cfg.num_decode
     named = {"namespace": NAMESPACE}

@@ -39,15 +39,9 @@ class DecodeWorker:
         self.cfg, self.rank, self.index = cfg, rank, index
         self.indexer, self.prefills = indexer, prefills
         e = cfg.engine
-        self.bb = load_backbone(e.model, e.torch_dtype, e.device, e.max_model_len)
-        mc = self.bb.model.config
-        shape = chunk_shape(mc.num_layers, mc.num_kv_heads, mc.head_dim, e.lsa.chunk_size)
-        self.pool = ChunkPool(shape, e.torch_dtype, e.device)
         self.transport = make_transport(cfg)
         self.placement = placement(cfg)
-        self.loop = DecodeLoop(self.bb.model, self.pool, self.bb.tokenizer, self.bb.eos_ids,
-                               self.bb.max_model_len, self._fetch, self._select,
-                               DecodeRunner(self.bb.model, self.pool, e.attention, e.cuda_graphs))
+        self.loop = self._make_loop()
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._sent: dict[str, tuple[int, int]] = {}  # (chars, token ids) streamed per request
@@ -61,13 +55,25 @@ class DecodeWorker:
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
 
+    def _make_loop(self) -> Any:
+        """Backbone, chunk pool and the batched decode loop (a DeepSeek-V4 worker: its own)."""
+        e = self.cfg.engine
+        self.bb = load_backbone(e.model, e.torch_dtype, e.device, e.max_model_len)
+        mc = self.bb.model.config
+        shape = chunk_shape(mc.num_layers, mc.num_kv_heads, mc.head_dim, e.lsa.chunk_size)
+        self.pool = ChunkPool(shape, e.torch_dtype, e.device)
+        self.page_shape, self.page_dtype = tuple(self.pool.page_shape), e.dtype
+        return DecodeLoop(self.bb.model, self.pool, self.bb.tokenizer, self.bb.eos_ids,
+                          self.bb.max_model_len, self._fetch, self._select,
+                          DecodeRunner(self.bb.model, self.pool, e.attention, e.cuda_graphs))
+
     # -- set-up -------------------------------------------------------------------------------
     def ready(self) -> int:
         return self.rank
 
     def kv_capacity(self) -> tuple[int, int]:
         """(KV bytes this worker may hold for requests, KV bytes per token)."""
-        per_token = self.pool.token_bytes
+        per_token = self.kv_bytes_per_token()
         cfg = self.cfg
         if cfg.kv_capacity_gb is not None:
             return int(cfg.kv_capacity_gb * 2**30), per_token
@@ -77,6 +83,9 @@ class DecodeWorker:
         import psutil
 
         return int(0.5 * psutil.virtual_memory().available / cfg.num_decode), per_token
+
+    def kv_bytes_per_token(self) -> int:
+        return self.pool.token_bytes
 
     # -- client-facing ----------------------------------------------------------------------
     async def submit(self, task: DecodeTask) -> None:
@@ -220,7 +229,7 @@ class DecodeWorker:
         straight into the pool's pages when they are consecutive (``out``)."""
         task = self._tasks[s.rid]
         plan = TransferPlan(next(self._ids), s.store_id, tuple(chunk_ids), task.prefill_rank,
-                            self.rank, tuple(self.pool.page_shape), self.cfg.engine.dtype,
+                            self.rank, self.page_shape, self.page_dtype,
                             self.cfg.transfer_timeout_s)
         sender = self.prefills[task.prefill_rank]
         t0 = time.perf_counter()

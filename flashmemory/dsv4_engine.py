@@ -31,6 +31,7 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -289,29 +290,44 @@ class DSV4LLM(Engine):
             assert traces is not None
             return NativeOracleSelector({pre.request: traces}, self.store.page_entries,
                                         lsa.oracle_window)
-        if lsa.mode == "lsa":
-            closed = self.store.num_closed(pre.request)
-            floor = math.ceil(lsa.min_budget * closed - 1e-9) if lsa.threshold is not None else 0
-            name = lsa.indexer or self.config.indexer
-            if name not in self._towers:  # run_modes loaded every latent checkpoint it uses
-                return TextPageSelector(self.indexer_for(name), lsa.threshold, floor)
-            threshold = LatentSelectConfig().threshold if lsa.threshold is None else lsa.threshold
-            return LatentSelector(self.latent(name), self.store,
-                                  LatentSelectConfig(threshold, None, floor))
-        selector = baseline_selector(lsa)
-        assert selector is not None  # check_lsa let only full / recency / random through
-        return selector
+        name = lsa.indexer or self.config.indexer
+        latent = lsa.mode == "lsa" and name in self._towers  # run_modes loaded those it uses
+        return page_selector(lsa, self.store.num_closed(pre.request), self.store,
+                             self.latent(name) if latent else None,
+                             lambda: self.indexer_for(name))
 
     def _decoder_config(self, lsa: LSAConfig, request: str) -> DSV4LSAConfig:
-        budget = lsa.budget
-        if lsa.budget_tokens is not None:  # whole pages, as a fraction of this request's
-            closed = self.store.num_closed(request)
-            budget = min(1.0, (lsa.budget_tokens // self.page_tokens) / max(1, closed))
-        assert budget is not None
-        return DSV4LSAConfig(budget=budget,
-                             recent_pages=math.ceil(lsa.recent_tokens / self.page_tokens),
-                             sink_page=lsa.sink_chunks > 0, repredict_every=lsa.repredict_every,
-                             page_entries=self.store.page_entries)
+        return decoder_config(lsa, self.store.num_closed(request), self.page_tokens,
+                              self.store.page_entries)
+
+
+def page_selector(lsa: LSAConfig, closed: int, store: Any, tower: LatentTower | None,
+                  text: Callable[[], Any]) -> Selector:
+    """The selector of a non-oracle mode over one request's ``closed`` pages: for mode lsa the
+    latent ``tower`` (scoring ``store``'s index keys) when given, else the text indexer
+    ``text()`` over page texts; full / recency / random otherwise."""
+    if lsa.mode == "lsa":
+        floor = math.ceil(lsa.min_budget * closed - 1e-9) if lsa.threshold is not None else 0
+        if tower is None:
+            return TextPageSelector(text(), lsa.threshold, floor)
+        threshold = LatentSelectConfig().threshold if lsa.threshold is None else lsa.threshold
+        return LatentSelector(tower, store, LatentSelectConfig(threshold, None, floor))
+    selector = baseline_selector(lsa)
+    assert selector is not None  # check_lsa let only full / recency / random through
+    return selector
+
+
+def decoder_config(lsa: LSAConfig, closed: int, tokens_per_page: int,
+                   page_entries: int) -> DSV4LSAConfig:
+    """``LSAConfig`` -> the decoder's: the budget as a fraction of ``closed`` pages (a token
+    budget in whole pages), the tail in pages, the sink page, the re-prediction period."""
+    budget = lsa.budget
+    if lsa.budget_tokens is not None:
+        budget = min(1.0, (lsa.budget_tokens // tokens_per_page) / max(1, closed))
+    assert budget is not None
+    return DSV4LSAConfig(budget=budget, recent_pages=math.ceil(lsa.recent_tokens / tokens_per_page),
+                         sink_page=lsa.sink_chunks > 0, repredict_every=lsa.repredict_every,
+                         page_entries=page_entries)
 
 
 def _output(seq: Sequence, st: LSAStats) -> RequestOutput:

@@ -19,7 +19,7 @@ import torch
 
 from flashmemory.cluster.config import ClusterConfig
 from flashmemory.config import LSAConfig
-from flashmemory.indexer.base import ResidencyState, Selector, plan_resident
+from flashmemory.indexer.base import ResidencyState, SelectionRequest, Selector, plan_resident
 from flashmemory.indexer.selectors import baseline_selector
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,14 @@ class IndexerActor:
                 return None
             selector = self.neural
         return plan_resident(lsa, selector, state, self.cfg.engine.lsa.chunk_size)
+
+    def scores(self, req: SelectionRequest) -> torch.Tensor | None:
+        """The text indexer's scores of ``req``'s candidates (a DeepSeek-V4 decode worker plans
+        pages itself and asks only for these); None when no embeddings are held for it."""
+        self.repredictions += 1
+        if not self.neural.holds(req.request_id):
+            return None
+        return self.neural.scores(req)
 
     def _unroute(self, request_id: str) -> None:
         d = self._routes.pop(request_id, None)

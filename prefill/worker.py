@@ -28,10 +28,7 @@ class PrefillWorker:
         setup_process(cfg)
         self.cfg, self.rank, self.indexer = cfg, rank, indexer
         e = cfg.engine
-        self.bb = load_backbone(e.model, e.torch_dtype, e.device, e.max_model_len)
-        mc = self.bb.model.config
-        self.store = ChunkStore(mc.num_layers, mc.num_kv_heads, mc.head_dim, e.lsa.chunk_size,
-                                e.torch_dtype, e.device, e.store_capacity_bytes)
+        self._load_model()
         self.transport = make_transport(cfg)
         self.placement = placement(cfg)
         self._encoder: Any = None
@@ -40,6 +37,14 @@ class PrefillWorker:
         self.faults = Failpoints()
         self._released: deque[int] = deque(maxlen=4096)  # recently released transfer ids
         self.metrics.track_process(e.device)
+
+    def _load_model(self) -> None:
+        """The backbone and the chunk store (a DeepSeek-V4 worker loads its own kind)."""
+        e = self.cfg.engine
+        self.bb = load_backbone(e.model, e.torch_dtype, e.device, e.max_model_len)
+        mc = self.bb.model.config
+        self.store = ChunkStore(mc.num_layers, mc.num_kv_heads, mc.head_dim, e.lsa.chunk_size,
+                                e.torch_dtype, e.device, e.store_capacity_bytes)
 
     # -- set-up -------------------------------------------------------------------------------
     def ready(self) -> int:
@@ -98,10 +103,14 @@ class PrefillWorker:
         self.faults.hit("stage")
         if plan.transfer_id in self._released:  # the receiver gave up while this ran
             raise TransferError(f"transfer {plan.transfer_id} was released before staging")
-        payload = self.store.read(plan.request_id, list(plan.chunk_ids))
+        payload = self._payload(plan)
         out = self.transport.stage(plan, payload)
         self.bytes_sent += payload.nbytes
         return out
+
+    def _payload(self, plan: TransferPlan) -> Any:
+        """The planned chunks as the one tensor the transport moves."""
+        return self.store.read(plan.request_id, list(plan.chunk_ids))
 
     def accept_pair(self, peer_rank: int, peer_instance: str, host: str, port: int,
                     timeout_s: float) -> None:

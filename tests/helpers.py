@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -296,3 +297,27 @@ def save_tiny_indexer(path: Path) -> Path:
     body = models.Transformer(str(enc), max_seq_length=256)
     SentenceTransformer(modules=[body, models.Pooling(64, "mean")], device="cpu").save(str(path))
     return path
+
+
+def worker_stats(client: Any) -> dict[str, list[dict]]:
+    """``stats()`` of a running cluster's decode and prefill workers."""
+    import ray
+
+    h = client.h
+    return {"decode": ray.get([d.stats.remote() for d in h.decodes]),
+            "prefill": ray.get([p.stats.remote() for p in h.prefills])}
+
+
+def wait_workers_idle(client: Any, timeout: float = 30.0) -> tuple[bool, dict]:
+    """Wait until no worker holds a page, a table, a stored request or a staged payload;
+    returns (idle, the last stats)."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        s = worker_stats(client)
+        idle = (all(d["pages_in_use"] == 0 and d["tables"] == 0 for d in s["decode"])
+                and all(p["requests"] == 0 and p["staged"] == 0 for p in s["prefill"]))
+        if idle or time.time() > deadline:
+            return idle, s
+        time.sleep(0.2)

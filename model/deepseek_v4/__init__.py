@@ -61,12 +61,15 @@ from flashmemory.model.deepseek_v4.oracle import (
     page_pick_counts,
 )
 from flashmemory.model.deepseek_v4.pages import (
+    PageLayout,
     PagePayload,
     PageStore,
     evict_pages,
     fetch_pages,
     open_resident,
+    pack_pages,
     resident_pages,
+    unpack_pages,
 )
 from flashmemory.model.deepseek_v4.quant import QuantConfig, dequantize
 
@@ -95,6 +98,7 @@ __all__ = [
     "LatentTrainConfig",
     "LayerCache",
     "NativeOracleSelector",
+    "PageLayout",
     "PagePayload",
     "PageStore",
     "Prefilled",
@@ -116,6 +120,7 @@ __all__ = [
     "load_latent",
     "lookahead_pages",
     "open_resident",
+    "pack_pages",
     "page_pick_counts",
     "pages_to_mask",
     "prefill_request",
@@ -123,5 +128,6 @@ __all__ = [
     "resident_pages",
     "save_latent",
     "train_latent",
+    "unpack_pages",
     "write_request",
 ]

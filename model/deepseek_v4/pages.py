@@ -13,6 +13,7 @@ compressor buffers and HCA entries are not paged: they stay resident.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,54 @@ class PagePayload:
                                                           self.positions))
 
 
+@dataclass(frozen=True)
+class PageLayout:
+    """How a page is laid out as raw bytes for the chunk transport (one uint8 row per page:
+    entries, then index keys, then positions), so DS-V4 pages travel through the same
+    single-tensor transfers as Llama chunks."""
+
+    csa_layers: int
+    page_entries: int
+    head_dim: int
+    index_dim: int
+    dtype: torch.dtype
+
+    @property
+    def parts(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        lc, e = self.csa_layers, self.page_entries
+        return [((lc, e, self.head_dim), self.dtype), ((lc, e, self.index_dim), self.dtype),
+                ((e,), torch.long)]
+
+    @property
+    def page_bytes(self) -> int:
+        return sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+                   for shape, dt in self.parts)
+
+
+def pack_pages(payload: PagePayload, layout: PageLayout) -> torch.Tensor:
+    """(P, layout.page_bytes) uint8: each page's entries, index keys and positions, byte for
+    byte (``unpack_pages`` inverts it)."""
+    p = payload.pages.numel()
+    rows = [t.contiguous().view(p, -1).view(torch.uint8)
+            for t in (payload.kv, payload.index_keys, payload.positions)]
+    return torch.cat(rows, dim=1)
+
+
+def unpack_pages(buf: torch.Tensor, pages: list[int] | torch.Tensor,
+                 layout: PageLayout) -> PagePayload:
+    """The ``PagePayload`` of a packed (P, page_bytes) uint8 buffer (views into ``buf``)."""
+    if buf.dtype != torch.uint8 or buf.dim() != 2 or buf.shape[1] != layout.page_bytes:
+        raise ValueError(f"want a (P, {layout.page_bytes}) uint8 buffer, got "
+                         f"{tuple(buf.shape)} {buf.dtype}")
+    p, parts, at = buf.shape[0], [], 0
+    for shape, dt in layout.parts:
+        n = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+        parts.append(buf[:, at:at + n].contiguous().view(dt).view(p, *shape))
+        at += n
+    ids = torch.as_tensor(pages, dtype=torch.long, device=buf.device)
+    return PagePayload(ids, parts[0], parts[1], parts[2])
+
+
 @dataclass
 class _Request:
     payload: PagePayload  # every page of the request, page i at row i
@@ -64,6 +113,8 @@ class PageStore:
         elt = torch.empty(0, dtype=dtype).element_size()
         entry = len(self.layers) * (cfg.head_dim + cfg.index_head_dim) * elt + 8  # + position
         self.page_bytes = page_entries * entry  # bytes of one page in a payload
+        self.layout = PageLayout(len(self.layers), page_entries, cfg.head_dim,
+                                 cfg.index_head_dim, dtype)
         self._requests: dict[str, _Request] = {}
 
     def add(self, request: str, cache: DSV4Cache) -> int:
@@ -122,6 +173,13 @@ class PageStore:
     def free(self, request: str) -> None:
         self._requests.pop(request, None)
 
+    def requests(self) -> list[str]:
+        return list(self._requests)
+
+    def nbytes(self) -> int:
+        """Bytes of every stored page."""
+        return sum(r.payload.nbytes for r in self._requests.values())
+
     def _get(self, request: str) -> _Request:
         if request not in self._requests:
             raise KeyError(f"unknown request {request!r}: no pages stored")
@@ -161,7 +219,8 @@ def open_resident(cache: DSV4Cache, page_entries: int = CSA_PAGE_ENTRIES) -> DSV
 def fetch_pages(cache: DSV4Cache, payload: PagePayload) -> None:
     """Insert a payload's pages into every CSA layer of a resident ``cache`` (global ids kept)."""
     _, _, e, _ = payload.kv.shape
-    ids = payload.pages[:, None] * e + torch.arange(e)[None, :]  # (P, E) global entry indices
+    pages = payload.pages.to(payload.positions.device)
+    ids = pages[:, None] * e + torch.arange(e, device=pages.device)[None, :]  # (P, E) entry ids
     valid = (payload.positions >= 0).flatten()
     for j, store in enumerate(_resident_stores(cache)):
         device = store.kv.device

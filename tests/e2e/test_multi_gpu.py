@@ -6,9 +6,9 @@ packaged model; run on a machine with 2+ GPUs (`benchmarks/multi_gpu.sh`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import time
 
 import httpx
 import pytest
@@ -19,7 +19,13 @@ from flashmemory.cluster.config_io import cluster_config_from_dict
 from flashmemory.cluster.launch import connect_workers
 from flashmemory.config import EngineConfig, LSAConfig, SamplingParams
 from flashmemory.engine import LLM
-from tests.helpers import free_port, save_tiny_indexer, save_tiny_servable
+from tests.helpers import (
+    free_port,
+    save_tiny_indexer,
+    save_tiny_servable,
+    wait_workers_idle,
+    worker_stats,
+)
 
 N_GPUS = torch.cuda.device_count()
 pytestmark = [pytest.mark.gpu,
@@ -71,16 +77,8 @@ def llm(args) -> LLM:
                                    dtype=e["dtype"]))
 
 
-def _stats(client: ClusterClient) -> dict:
-    import ray
-
-    h = client.h
-    return {"decode": ray.get([d.stats.remote() for d in h.decodes]),
-            "prefill": ray.get([p.stats.remote() for p in h.prefills])}
-
-
 def test_workers_sit_on_separate_gpus_and_move_chunks_over_nccl(server) -> None:
-    s = _stats(server[1])
+    s = worker_stats(server[1])
     gpus = [w["gpu"] for w in s["prefill"] + s["decode"]]
     assert len(gpus) == N_GPUS and len(set(gpus)) == N_GPUS and None not in gpus
     assert {w["transport"] for w in s["prefill"] + s["decode"]} == {"nccl"}
@@ -101,11 +99,11 @@ def test_answers_equal_the_single_gpu_engine(server, llm: LLM, mode: str) -> Non
 
 def test_bytes_moved_equal_the_selected_chunks(server, llm: LLM) -> None:
     client = server[1]
-    before = _stats(client)
+    before = worker_stats(client)
     prompt = llm.tokenize(TEXT, chat=False)
     out = client.generate_sync([prompt], SamplingParams(max_tokens=16, ignore_eos=True),
                                LSAConfig(budget=0.1))[0]
-    after = _stats(client)
+    after = worker_stats(client)
     received = sum(a["bytes_received"] - b["bytes_received"]
                    for a, b in zip(after["decode"], before["decode"], strict=True))
     sent = after["prefill"][0]["bytes_sent"] - before["prefill"][0]["bytes_sent"]
@@ -132,24 +130,26 @@ def test_streaming_http_request_reports_the_split(server) -> None:
 
 
 @pytest.mark.skipif(N_GPUS < 3, reason="needs 3+ GPUs (two decode workers)")
-def test_concurrent_requests_spread_over_decode_gpus(server, llm: LLM) -> None:
+def test_a_second_request_goes_to_the_idle_decode_gpu(server, llm: LLM) -> None:
+    """While one request decodes on one GPU, the indexer routes the next one to another."""
     client = server[1]
-    before = [d["bytes_received"] for d in _stats(client)["decode"]]
+    before = [d["bytes_received"] for d in worker_stats(client)["decode"]]
     p = llm.tokenize(TEXT, chat=False)
-    outs = client.generate_sync([p] * (2 * (N_GPUS - 1)),
-                                SamplingParams(max_tokens=8, ignore_eos=True), LSAConfig())
-    after = [d["bytes_received"] for d in _stats(client)["decode"]]
-    assert len({tuple(o.token_ids) for o in outs}) == 1
-    assert all(a > b for a, b in zip(after, before, strict=True))
+
+    async def both() -> tuple[list[int], list[int]]:
+        long = client.stream(p, SamplingParams(max_tokens=2000, ignore_eos=True), LSAConfig())
+        first = await long.__anext__()  # admitted: its decode worker now holds one request
+        short = await client.generate(p, SamplingParams(max_tokens=8, ignore_eos=True),
+                                      LSAConfig())
+        rest = [ev async for ev in long]
+        return first.token_ids + [t for ev in rest for t in ev.token_ids], short.token_ids
+
+    long_ids, short_ids = asyncio.run(both())
+    after = [d["bytes_received"] for d in worker_stats(client)["decode"]]
+    assert long_ids[:8] == short_ids
+    assert sum(a > b for a, b in zip(after, before, strict=True)) == 2
 
 
 def test_nothing_left_behind(server) -> None:
-    deadline = time.time() + 30
-    while True:
-        s = _stats(server[1])
-        idle = (all(d["pages_in_use"] == 0 and d["tables"] == 0 for d in s["decode"])
-                and all(p["requests"] == 0 and p["staged"] == 0 for p in s["prefill"]))
-        if idle or time.time() > deadline:
-            break
-        time.sleep(0.2)
+    idle, s = wait_workers_idle(server[1])
     assert idle, s

@@ -242,17 +242,16 @@ def test_latent_indexer_cli_dump_train_evaluate_and_serve(ckpt, tmp_path, capsys
     assert "needs a DeepSeek-V4 checkpoint" in capsys.readouterr().err
 
 
-def test_cluster_refuses_deepseek_v4_before_starting_anything(ckpt, capsys):
-    """`flashmemory serve` (and the Serve app, which calls the same check in start_workers)
-    names the problem instead of failing inside a worker's constructor."""
-    import ray
-
+def test_cluster_checks_a_deepseek_v4_config_before_starting_anything(ckpt):
+    """`flashmemory serve` and start_workers run the DS-V4 checks (check_backbone) before any
+    actor starts: a chunk size that is not a page, an indexer that does not load."""
     from flashmemory.cluster.config import ClusterConfig
     from flashmemory.cluster.launch import check_backbone
 
-    assert main(["serve", "--model", str(ckpt)]) == 1
-    assert "does not run DeepSeek-V4 yet" in capsys.readouterr().err
-    assert not ray.is_initialized()
-    with pytest.raises(ValueError, match="without --cluster"):
-        check_backbone(ClusterConfig(engine=EngineConfig(model=str(ckpt))))
-    check_backbone(ClusterConfig())  # the default (SmolLM2) passes
+    assert check_backbone(ClusterConfig(engine=EngineConfig(model=str(ckpt))))
+    assert not check_backbone(ClusterConfig())  # the default (SmolLM2): the Llama workers
+    with pytest.raises(ValueError, match="whole CSA pages"):
+        check_backbone(ClusterConfig(engine=EngineConfig(
+            model=str(ckpt), lsa=LSAConfig(chunk_size=128))))
+    with pytest.raises(ValueError, match="needs a latent indexer checkpoint"):
+        check_backbone(ClusterConfig(engine=EngineConfig(model=str(ckpt), indexer="/nowhere")))

@@ -30,10 +30,12 @@ from flashmemory.model.deepseek_v4 import (
     fetch_pages,
     lookahead_pages,
     open_resident,
+    pack_pages,
     page_pick_counts,
     pages_to_mask,
     prefill_request,
     resident_pages,
+    unpack_pages,
 )
 from tests.helpers import TINY_DSV4, tiny_dsv4
 
@@ -210,6 +212,21 @@ def _trace(layer_probs: dict[int, list[float]]) -> IndexerTrace:
     scores = {i: torch.tensor(p).log()[None, :] for i, p in layer_probs.items()}
     return IndexerTrace(keep_scores=True, scores=scores,
                         topk={i: torch.zeros(1, 2, dtype=torch.long) for i in scores})
+
+
+def test_pages_pack_into_transport_rows_and_back(ref):
+    """A payload packed as one uint8 row per page (the chunk transport's unit) unpacks to the
+    same entries, keys and positions, the last page's padding included."""
+    store = _store(ref, 64)
+    payload = store.read("r", [6, 0, 3])  # the partial last page first
+    rows = pack_pages(payload, store.layout)
+    assert rows.dtype == torch.uint8 and rows.shape == (3, store.page_bytes)
+    back = unpack_pages(rows.clone(), [6, 0, 3], store.layout)
+    for a, b in ((back.kv, payload.kv), (back.index_keys, payload.index_keys),
+                 (back.positions, payload.positions), (back.pages, payload.pages)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_pages(rows[:, 1:], [6, 0, 3], store.layout)
 
 
 def test_lookahead_pages_on_a_hand_built_trace():
