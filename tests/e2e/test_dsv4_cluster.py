@@ -182,6 +182,22 @@ def test_eval_runs_through_the_live_cluster(server, llm, tmp_path) -> None:
     assert all(r["kv_footprint_mean"] < 1 for r in rows if r["mode"] == "lsa")
 
 
+def test_a_cancelled_stream_frees_its_pages_everywhere(server, llm) -> None:
+    client = server[1]
+    p = llm.tokenize(TEXT, chat=True)
+
+    async def cancel_after_first() -> None:
+        stream = client.stream(p, SamplingParams(max_tokens=2000, ignore_eos=True),
+                               LSAConfig(mode="full"))
+        await stream.__anext__()
+        await stream.aclose()  # the client goes away: cancel on decode, free on prefill
+
+    asyncio.run(cancel_after_first())
+    idle, s = wait_workers_idle(client)
+    assert idle, s
+    assert client.generate_sync([p], SP, LSAConfig(mode="full"))[0].token_ids  # still serving
+
+
 def test_nothing_left_behind(server) -> None:
     idle, s = wait_workers_idle(server[1])
     assert idle, s
