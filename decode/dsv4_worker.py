@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from flashmemory.dsv4_engine import (
     check_lsa,
     decoder_config,
     is_latent,
+    load_tower,
     page_selector,
     page_tokens,
 )
@@ -37,11 +37,10 @@ from flashmemory.model.deepseek_v4 import (
     PageLayout,
     PagePayload,
     load_deepseek_v4,
-    load_latent,
     resident_pages,
     unpack_pages,
 )
-from flashmemory.model.deepseek_v4.config import CSA
+from flashmemory.model.deepseek_v4.lsa import csa_layers
 from flashmemory.model.loader import load_tokenizer, resolve
 from flashmemory.sampling import make_generator, sample
 from flashmemory.types import RequestOutput
@@ -174,9 +173,8 @@ class DSV4DecodeWorker(DecodeWorker):
         mc = self.model.config
         self.eos_ids = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
         self.max_model_len = e.max_model_len or mc.max_position_embeddings
-        self.csa = [i for i, kind in enumerate(mc.layer_types) if kind == CSA]
-        self.layout = PageLayout(len(self.csa), CSA_PAGE_ENTRIES, mc.head_dim, mc.index_head_dim,
-                                 self.model.dtype)
+        self.csa = csa_layers(self.model)
+        self.layout = PageLayout.of(mc, self.model.dtype, CSA_PAGE_ENTRIES)
         self.page_tokens = page_tokens(mc, CSA_PAGE_ENTRIES)
         self.page_shape, self.page_dtype = (self.layout.page_bytes,), "uint8"
         self._towers: dict[str, LatentTower | None] = {}
@@ -239,7 +237,7 @@ class DSV4DecodeWorker(DecodeWorker):
             return None
         name = lsa.indexer or self.cfg.engine.indexer
         if name not in self._towers:
-            self._towers[name] = (load_latent(Path(name).expanduser(), self.cfg.engine.device)
+            self._towers[name] = (load_tower(name, self.model.config, self.cfg.engine.device)
                                   if is_latent(name) else None)
         return self._towers[name]
 

@@ -185,13 +185,7 @@ class DSV4LLM(Engine):
         """The latent indexer checkpoint ``name`` (loaded once); ValueError if it is not one or
         was trained on another backbone's shapes."""
         if name not in self._towers:
-            tower = load_latent(Path(name).expanduser(), self.config.device)
-            mc, tc = self.model.config, tower.cfg
-            if (tc.hidden_size, tc.index_dim) != (mc.hidden_size, mc.index_head_dim):
-                raise ValueError(f"latent indexer {name!r} expects hidden size {tc.hidden_size} "
-                                 f"and index keys of {tc.index_dim}; this model has "
-                                 f"{mc.hidden_size} and {mc.index_head_dim}")
-            self._towers[name] = tower
+            self._towers[name] = load_tower(name, self.model.config, self.config.device)
         return self._towers[name]
 
     def run_modes(self, prompt: Prompt, sampling: SamplingParams,
@@ -299,6 +293,18 @@ class DSV4LLM(Engine):
     def _decoder_config(self, lsa: LSAConfig, request: str) -> DSV4LSAConfig:
         return decoder_config(lsa, self.store.num_closed(request), self.page_tokens,
                               self.store.page_entries)
+
+
+def load_tower(name: str, mc: DeepseekV4Config, device: str) -> LatentTower:
+    """The latent indexer checkpoint ``name`` for a model of config ``mc``; ValueError if it
+    was trained on another backbone's shapes."""
+    tower = load_latent(Path(name).expanduser(), device)
+    tc = tower.cfg
+    if (tc.hidden_size, tc.index_dim) != (mc.hidden_size, mc.index_head_dim):
+        raise ValueError(f"latent indexer {name!r} expects hidden size {tc.hidden_size} "
+                         f"and index keys of {tc.index_dim}; this model has "
+                         f"{mc.hidden_size} and {mc.index_head_dim}")
+    return tower
 
 
 def page_selector(lsa: LSAConfig, closed: int, store: Any, tower: LatentTower | None,

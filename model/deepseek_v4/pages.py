@@ -58,6 +58,13 @@ class PageLayout:
     index_dim: int
     dtype: torch.dtype
 
+    @staticmethod
+    def of(cfg: DeepseekV4Config, dtype: torch.dtype,
+           page_entries: int = CSA_PAGE_ENTRIES) -> PageLayout:
+        """The layout of a model's pages (every CSA layer of ``cfg``)."""
+        return PageLayout(sum(kind == CSA for kind in cfg.layer_types), page_entries,
+                          cfg.head_dim, cfg.index_head_dim, dtype)
+
     @property
     def parts(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         lc, e = self.csa_layers, self.page_entries
@@ -113,8 +120,7 @@ class PageStore:
         elt = torch.empty(0, dtype=dtype).element_size()
         entry = len(self.layers) * (cfg.head_dim + cfg.index_head_dim) * elt + 8  # + position
         self.page_bytes = page_entries * entry  # bytes of one page in a payload
-        self.layout = PageLayout(len(self.layers), page_entries, cfg.head_dim,
-                                 cfg.index_head_dim, dtype)
+        self.layout = PageLayout.of(cfg, dtype, page_entries)
         self._requests: dict[str, _Request] = {}
 
     def add(self, request: str, cache: DSV4Cache) -> int:
