@@ -42,27 +42,34 @@ def main(sweep: bool) -> None:
     bw = hbm_read_bandwidth()["read"]
     print(f"HBM read {bw / 1e12:.2f} TB/s")
     cases = [("llama3-8b", 32, 8, 128, 52416, 1), ("llama3-8b", 32, 8, 128, 26240, 1),
+             ("llama3-8b", 32, 8, 128, 16384, 1),
              ("llama3-8b", 32, 8, 128, 13120, 8), ("smollm2", 9, 3, 64, 52416, 1),
-             ("smollm2", 9, 3, 64, 13120, 8), ("smollm2", 9, 3, 64, 1664, 64)]
+             ("llama3-8b", 32, 8, 128, 52416, 8), ("llama3-8b", 32, 8, 128, 13120, 64),
+             ("smollm2", 9, 3, 64, 13120, 8), ("smollm2", 9, 3, 64, 1664, 64),
+             ("smollm2", 9, 3, 64, 13120, 64)]
     for name, hq, hkv, d, tokens, batch in cases:
         q, lens, sets = make_sets(hq, hkv, d, tokens, batch)
         floor = batch * tokens * hkv * d * 4 / bw * 1e6
         default = time_us(q, lens, sets)
         no_pdl = time_us(q, lens, sets, pdl=False)
+        no_pre = time_us(q, lens, sets, prefetch=False)
+        no_next = time_us(q, lens, sets, early_next=False)
         read = read_us(batch * tokens * hkv * d * 4, q.device)
         print(f"{name} tokens={tokens} B={batch} floor={floor:.1f}us default={default:.1f}us "
-              f"({100 * floor / default:.0f}%) without PDL="
-              f"{no_pdl:.1f}us | stream read of the same bytes {read:.1f}us "
-              f"(default at {100 * read / default:.0f}% of it)")
+              f"({100 * floor / default:.0f}%) without PDL={no_pdl:.1f}us without prefetch="
+              f"{no_pre:.1f}us without early next={no_next:.1f}us | stream read of the same "
+              f"bytes {read:.1f}us (default at {100 * read / default:.0f}% of it)")
         if not sweep:
             continue
         rows = []
-        for sp, st, bn, w in itertools.product((16, 32, 48, 64, 96, 128), (2, 3), (64, 128),
-                                               (4, 8)):
-            t = time_us(q, lens, sets, num_splits=sp, num_stages=st, block_n=bn, num_warps=w)
-            rows.append((t, f"splits={sp} stages={st} block_n={bn} warps={w}"))
+        splits = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+        for sp, st, pre in itertools.product(splits, (2, 3), (True, False)):
+            if sp * batch * hkv > 8 * 132:
+                continue
+            t = time_us(q, lens, sets, num_splits=sp, num_stages=st, prefetch=pre)
+            rows.append((t, f"splits={sp} stages={st} prefetch={pre}"))
         rows.sort()
-        best = ", ".join(f"{c}: {t:.1f}" for t, c in rows[:4])
+        best = ", ".join(f"{c}: {t:.1f}" for t, c in rows[:6])
         print(f"{name} tokens={tokens} B={batch} floor={floor:.1f}us default={default:.1f}us "
               f"({100 * floor / default:.0f}%) | best: {best}")
         del sets

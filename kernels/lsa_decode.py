@@ -62,18 +62,25 @@ if triton is not None:
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_FP32: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
-        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel
-            gdc_wait()
-            gdc_launch_dependents()  # let the merge kernel launch and wait in turn
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
+        # The table and lengths are written before the previous kernel starts (the runner copies
+        # them at the top of the step), so with PDL they are read before waiting for it: the
+        # seq_len -> table chain overlaps the previous kernel's tail.
         seq_len = tl.load(SeqLens + b)
         n_blocks = tl.cdiv(seq_len, BLOCK_N)
         per_split = tl.cdiv(n_blocks, num_splits)  # each request splits its own chunks: ragged
         start = s * per_split
         end = tl.minimum(start + per_split, n_blocks)
+        row = Table + b * stride_tb
+        if PREFETCH:  # the next block's page index is loaded one iteration ahead
+            nxt = tl.load(row + start * BLOCK_N // PAGE, mask=start < end, other=0)
+        if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel
+            gdc_wait()  # before reading Q and K/V, which it may have written
+            gdc_launch_dependents()  # let the merge kernel launch and wait in turn
 
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, D_PAD)
@@ -94,13 +101,18 @@ if triton is not None:
         for blk in range(start, end):
             tok0 = blk * BLOCK_N
             t_ok = tok0 + t < seq_len
-            if BLOCK_N <= PAGE:  # the block lies in one page
-                page = tl.load(Table + b * stride_tb + tok0 // PAGE).to(tl.int64)
+            if PREFETCH:
+                page = nxt.to(tl.int64)
+                nxt = tl.load(row + (tok0 + BLOCK_N) // PAGE, mask=blk + 1 < end, other=0)
+                rows = (tok0 % PAGE) + t
+                ptr = kv_head + page * stride_kvp + rows[:, None] * stride_kvt + d[None, :]
+            elif BLOCK_N <= PAGE:  # the block lies in one page
+                page = tl.load(row + tok0 // PAGE).to(tl.int64)
                 rows = (tok0 % PAGE) + t
                 ptr = kv_head + page * stride_kvp + rows[:, None] * stride_kvt + d[None, :]
             else:  # the block spans BLOCK_N // PAGE pages: look each row's page up
                 pos = tok0 + t
-                pages = tl.load(Table + b * stride_tb + pos // PAGE, mask=t_ok, other=0)
+                pages = tl.load(row + pos // PAGE, mask=t_ok, other=0)
                 ptr = (kv_head + pages.to(tl.int64)[:, None] * stride_kvp
                        + (pos % PAGE)[:, None] * stride_kvt + d[None, :])
             k = tl.load(ptr, mask=t_ok[:, None] & d_ok[None, :], other=0.0)  # (N, D)
@@ -141,9 +153,12 @@ if triton is not None:
         stride_lb, stride_lh,
         stride_fb, stride_fh, num_splits,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr,
+        EARLY_NEXT: tl.constexpr,
     ):
         if PDL:
             gdc_wait()  # the split kernel's partials are complete and visible
+            if EARLY_NEXT:
+                gdc_launch_dependents()  # the next LSA call may launch and read its metadata
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.arange(0, S_PAD)
@@ -164,21 +179,28 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def default_splits(batch: int, num_kv_heads: int, max_blocks: int, num_sms: int = 132,
-                   head_dim: int = 128) -> int:
-    """Splits per (request, KV head): about 3 programs per SM at head_dim 128 and 6 at 64 (a
-    block of D=64 carries half the bytes, so twice the programs keep as many in flight), at
-    most 256 and one per block.
+def default_launch(batch: int, num_kv_heads: int, max_blocks: int, num_sms: int = 132,
+                   head_dim: int = 128) -> tuple[int, int]:
+    """(splits per (request, KV head), pipeline stages) for a launch of ``batch`` requests.
 
-    Measured on the H200 (docs/BENCHMARKS.md section 4, benchmarks/kernel_probe.py and
-    ``flashmemory bench kernel --sweep``): at batch 1 the SmolLM2 shape (3 KV heads, D=64) gains
-    up to 22% from 128 splits over 33 and 10% more from 256 over 132 at 52K resident tokens; at
-    batch 8 it is fastest at 32 splits (10% over 17); at batch 8 on the Llama-3-8B shape
-    (D=128) 17 splits were 3-7% slower than 5.
+    While the (request, KV head) pairs are fewer than the GPU holds at three stages (about 2
+    programs per SM at head_dim 128, 3 at 64), three blocks are kept in flight and the splits
+    fill those slots without spilling into a second, partial wave (at most 256 splits, one per
+    block). Beyond that (large batches) occupancy matters more than depth: two stages, and
+    splits for about twice as many programs as those slots.
+
+    Measured on the H200 (docs/BENCHMARKS.md section 4, ``benchmarks/kernel_probe.py --sweep``):
+    Llama-3-8B shape (8 KV heads, D=128) at batch 1, 32 splits x 3 stages took 56.8 us at 52K
+    resident tokens (50 splits x 2 stages: 58.3); at batch 8, 4 splits x 3 stages 389.8 us
+    (5 splits: 412.2); at batch 64 and 13K tokens, 2 splits x 2 stages 774.6 us (1 split x 3
+    stages: 903.2). SmolLM2 shape (3 KV heads, D=64): 128 splits at batch 1, 16 at batch 8 and
+    2 at batch 64 were the fastest, all at 3 stages.
     """
-    per_sm = 3 * max(1, 128 // head_dim)
-    want = -(-per_sm * num_sms // max(1, batch * num_kv_heads))
-    return max(1, min(want, max_blocks, 256))
+    units = max(1, batch * num_kv_heads)
+    slots = num_sms * (2 if head_dim >= 128 else 3)
+    if units <= slots:
+        return max(1, min(slots // units, max_blocks, 256)), 3
+    return max(1, min(-(-2 * slots // units), max_blocks)), 2
 
 
 def block_size(chunk_size: int) -> int:
@@ -220,8 +242,9 @@ def _check(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
 
 def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, scale: float | None = None, num_splits: int | None = None,
-               num_warps: int = 4, num_stages: int = 2, block_n: int | None = None,
-               pdl: bool | None = None) -> torch.Tensor:
+               num_warps: int = 4, num_stages: int | None = None, block_n: int | None = None,
+               pdl: bool | None = None, prefetch: bool = True,
+               early_next: bool = True) -> torch.Tensor:
     """Decode attention of q over resident pages, read in place; shapes as ``lsa_decode_ref``.
 
     Every seq_lens entry must be >= 1 and the table must hold ceil(seq_len / C) valid pages per
@@ -229,7 +252,12 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
     CUDA graph). ``num_splits`` is fixed per launch; each request divides its own chunks into that
     many splits, so ragged batches stay balanced. ``block_n`` tokens are read per iteration.
     ``pdl`` (default: on Hopper and newer) launches both kernels with programmatic dependent
-    launch, so their launch overlaps the previous kernel's tail; each waits before reading.
+    launch, so their launch overlaps the previous kernel's tail; each waits before reading Q
+    and K/V. The table and seq_lens are read before that wait: they must be written before the
+    previous kernel starts (the decode runner copies them at the top of the step).
+    ``prefetch`` loads each block's page index one iteration ahead; ``early_next`` lets the next
+    PDL kernel launch as soon as the merge starts. Both are on by default; the switches exist
+    for ``benchmarks/kernel_probe.py``.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -241,11 +269,14 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
     if bn < 16 or bn & (bn - 1) or (c % bn and bn % c):
         raise ValueError(f"block_n must be a power of two >= 16 that divides or is a multiple "
                          f"of the chunk size {c}, got {bn}")
-    if num_splits is None:
+    if num_splits is None or num_stages is None:
         max_blocks = -(-block_table.shape[1] * c // bn)
         sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
                if q.is_cuda else 132)
-        num_splits = default_splits(b, hkv, max_blocks, sms, d)
+        splits, stages = default_launch(b, hkv, max_blocks, sms, d)
+        num_splits = splits if num_splits is None else num_splits
+        # three blocks of D > 128 would not fit in shared memory
+        num_stages = (stages if d <= 128 else 2) if num_stages is None else num_stages
     scale = d ** -0.5 if scale is None else scale
     if pdl is None:
         pdl = _pdl_ok(q.device)
@@ -268,7 +299,7 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         D_PAD=d_pad, PAGE=c, BLOCK_N=bn,
         DOT_FP32=kv.dtype == torch.float32 or _interpreting(), DIRECT=direct, PDL=pdl,
-        num_warps=num_warps, num_stages=num_stages, **launch,
+        PREFETCH=prefetch and bn <= c, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     if not direct:
         _lsa_merge_kernel[(b, hq)](
@@ -277,7 +308,8 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
             lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1), num_splits,
             HEAD_DIM=d, D_PAD=d_pad,
-            S_PAD=max(2, triton.next_power_of_2(num_splits)), PDL=pdl, num_warps=4, **launch,
+            S_PAD=max(2, triton.next_power_of_2(num_splits)), PDL=pdl, EARLY_NEXT=early_next,
+            num_warps=4, **launch,
         )
     return out
 

@@ -35,7 +35,7 @@ class KernelCase:
     batch: int
     chunk: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int | None = None  # the kernel's default
     block_n: int | None = None
     num_splits: int | None = None  # None: the launcher's default
 
@@ -147,7 +147,7 @@ def cases(shapes: list[str], contexts: list[int], budgets: list[float], batches:
 def sweep(case: KernelCase, hbm_read: float) -> list[dict[str, Any]]:
     """Launch configurations of one case, fastest first (for choosing the defaults)."""
     rows = []
-    for w, st, bn, sp in itertools.product((4, 8), (2, 3), (32, 64, 128),
+    for w, st, bn, sp in itertools.product((4, 8), (2, 3, 4), (32, 64, 128),
                                            (None, 32, 64, 128, 256)):
         if case.chunk % bn and bn % case.chunk:  # a block lies in one page or spans whole ones
             continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashmemory.kernels.lsa_decode import block_size, default_splits, lsa_decode, lsa_decode_ref
+from flashmemory.kernels.lsa_decode import block_size, default_launch, lsa_decode, lsa_decode_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # relative L2 error allowed against the fp32 reference: ~2x the output rounding of each dtype
@@ -151,9 +151,13 @@ def test_blocks_spanning_several_pages(block_n):
     assert rel_err(out, lsa_decode_ref(q, kv, table, seq)) < TOL[torch.bfloat16]
 
 
-def test_default_splits_follow_head_dim_and_bounds():
-    assert default_splits(1, 3, 10_000, 132, 64) == 256  # D=64: 6 programs per SM, capped
-    assert default_splits(1, 3, 10_000, 132, 128) == 132  # D=128: 3 per SM
-    assert default_splits(8, 3, 10_000, 132, 64) == 33
-    assert default_splits(1, 8, 10, 132, 128) == 10  # at most one split per block
-    assert default_splits(64, 8, 10_000, 132, 128) == 1
+def test_default_launch_fills_one_wave_then_trades_depth_for_occupancy():
+    assert default_launch(1, 8, 10_000, 132, 128) == (33, 3)  # D=128: 2 programs per SM
+    assert default_launch(8, 8, 10_000, 132, 128) == (4, 3)  # 256 programs: one wave, not 1.2
+    assert default_launch(1, 3, 10_000, 132, 64) == (132, 3)  # D=64: 3 per SM
+    assert default_launch(8, 3, 10_000, 132, 64) == (16, 3)
+    assert default_launch(64, 3, 10_000, 132, 64) == (2, 3)
+    assert default_launch(1, 1, 10_000, 132, 64) == (256, 3)  # capped
+    assert default_launch(1, 8, 10, 132, 128) == (10, 3)  # at most one split per block
+    assert default_launch(64, 8, 10_000, 132, 128) == (2, 2)  # past one wave: occupancy
+    assert default_launch(256, 8, 10_000, 132, 128) == (1, 2)
