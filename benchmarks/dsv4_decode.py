@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import statistics
 import sys
@@ -33,6 +32,7 @@ try:
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flashmemory.bench.dsv4 import flash_config, lsa_page_ids, random_model
 from flashmemory.model.deepseek_v4.cache import (
     CSA_PAGE_ENTRIES,
     CompressorState,
@@ -55,27 +55,11 @@ def parse_context(text: str) -> int:
 
 
 def build_config(args: argparse.Namespace) -> DeepseekV4Config:
-    n = 2 * args.layers
-    return DeepseekV4Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=n,
-        num_attention_heads=args.heads, head_dim=args.head_dim, q_lora_rank=args.q_lora,
-        o_groups=args.o_groups, o_lora_rank=args.o_lora,
-        qk_rope_head_dim=max(2, args.head_dim * 64 // 512),  # V4: 64 RoPE channels of 512
-        sliding_window=args.window, layer_types=(CSA, HCA) * args.layers,
-        mlp_layer_types=("moe",) * n, index_n_heads=args.index_heads,
-        index_head_dim=args.index_dim, index_topk=args.topk, n_routed_experts=args.experts,
-        num_experts_per_tok=min(2, args.experts), moe_intermediate_size=args.moe_inter)
-
-
-def build_model(cfg: DeepseekV4Config, device: torch.device, seed: int) -> DeepseekV4ForCausalLM:
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = DeepseekV4ForCausalLM(cfg)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.ndim >= 2:  # matrices (and ape): N(0, 0.02); norms, mHC scales, sinks kept
-                p.normal_(0.0, 0.02)
-    return model.cast(torch.bfloat16).eval()
+    return flash_config(
+        [CSA, HCA] * args.layers, experts=args.experts, moe_inter=args.moe_inter,
+        vocab=args.vocab, hidden=args.hidden, heads=args.heads, head_dim=args.head_dim,
+        index_heads=args.index_heads, index_dim=args.index_dim, topk=args.topk,
+        window=args.window, q_lora=args.q_lora, o_lora=args.o_lora, o_groups=args.o_groups)
 
 
 def _pending(width: int, p: int, emitted: int, ratio: int, overlap: bool,
@@ -121,19 +105,6 @@ def synthetic_cache(model: DeepseekV4ForCausalLM, n: int) -> DSV4Cache:
                                     dtype, device)
     cache.length = n
     return cache
-
-
-def lsa_pages(num_entries: int, args: argparse.Namespace, seed: int) -> list[int]:
-    """Sink page, the recency tail, the open partial page, plus ceil(budget x closed) others."""
-    closed = num_entries // CSA_PAGE_ENTRIES
-    total = -(-num_entries // CSA_PAGE_ENTRIES)
-    tail = args.recent_tokens // (CSA_PAGE_ENTRIES * 4)
-    fixed = {0} | set(range(max(0, closed - tail), total))
-    others = [p for p in range(closed) if p not in fixed]
-    kmax = min(len(others), math.ceil(args.budget * closed))
-    gen = torch.Generator().manual_seed(seed)
-    picked = torch.randperm(len(others), generator=gen)[:kmax].tolist()
-    return sorted(fixed | {others[i] for i in picked})
 
 
 def kv_bytes(cache: DSV4Cache) -> dict[str, int]:
@@ -200,7 +171,8 @@ def run_context(model: DeepseekV4ForCausalLM, n: int, args: argparse.Namespace,
     full = synthetic_cache(model, n)
     csa_layers = [i for i, k in enumerate(cfg.layer_types) if k == CSA]
     num_entries = full.num_entries(csa_layers[0])
-    pages = lsa_pages(num_entries, args, args.seed + n)
+    pages = lsa_page_ids(num_entries, args.budget, args.recent_tokens, cfg.csa_compress_rate,
+                         args.seed + n)
     store = PageStore(cfg, model.dtype)
     store.add("r", full)
     resident = open_resident(full)
@@ -273,7 +245,7 @@ def main() -> None:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {dev_name}, bf16, random weights, torch-only path")
     cfg = build_config(args)
-    model = build_model(cfg, device, args.seed)
+    model = random_model(cfg, device, args.seed)
     nparam = sum(p.numel() for p in model.parameters())
     print(f"model: {cfg.num_hidden_layers} layers {list(cfg.layer_types)}, hidden "
           f"{cfg.hidden_size}, {cfg.num_attention_heads} heads x {cfg.head_dim}, indexer "

@@ -1,4 +1,5 @@
-"""``flashmemory bench kernel|decode``: parse, run the cases, print a Markdown table (and JSON)."""
+"""``flashmemory bench kernel|decode|indexer|dsv4``: parse, run the cases, print a Markdown
+table (and JSON)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ logger = logging.getLogger(__name__)
 def add_parser(sub: Any, lengths: Any, csv: Any) -> argparse.ArgumentParser:
     """Register ``bench`` on the main parser; ``lengths``/``csv`` are its argument types."""
     p = sub.add_parser("bench", help="GPU benchmarks: the LSA kernel and whole-model decode")
-    kinds = p.add_subparsers(dest="bench", required=True, metavar="{kernel,decode,indexer}")
+    kinds = p.add_subparsers(dest="bench", required=True,
+                             metavar="{kernel,decode,indexer,dsv4}")
 
     k = kinds.add_parser("kernel", help="LSA decode kernel vs SDPA (full and contiguous subset)")
     k.add_argument("--shapes", type=csv, default=["llama3-8b", "smollm2"])
@@ -40,7 +42,16 @@ def add_parser(sub: Any, lengths: Any, csv: Any) -> argparse.ArgumentParser:
     i.add_argument("--shapes", type=csv, default=["smollm2", "llama3-8b"],
                    help="prefill shapes to compare with ('' for none)")
     i.add_argument("--prefill-tokens", type=int, default=16384)
-    for q in (k, d, i):
+    v = kinds.add_parser("dsv4", help="DeepSeek-V4-Flash decode attention: full CSA vs LSA pages")
+    v.add_argument("--contexts", type=lengths, default=(131072, 524288, 1048576))
+    v.add_argument("--batches", type=csv, default=["1", "8"])
+    v.add_argument("--modes", type=csv, default=["full", "lsa"])
+    v.add_argument("--layers", type=int, default=2, help="layers of each type timed")
+    v.add_argument("--budget", type=float, default=0.1,
+                   help="KMAX as a fraction of the closed CSA pages")
+    v.add_argument("--recent-tokens", type=int, default=8192, help="recency tail (tokens)")
+    v.add_argument("--seed", type=int, default=0)
+    for q in (k, d, i, v):
         q.add_argument("--json", type=Path, help="also write the rows to this JSON file")
         q.add_argument("-v", "--verbose", action="store_true")
         q.add_argument("--debug", action="store_true")
@@ -74,7 +85,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print(markdown(rows, indexer.COLUMNS))
         return 0
     require_gpu()
-    rows, columns, title = (_kernel if args.bench == "kernel" else _decode)(args)
+    if args.bench == "dsv4":
+        rows, columns, title = _dsv4(args, argv)
+    else:
+        rows, columns, title = (_kernel if args.bench == "kernel" else _decode)(args)
     print(f"\n## {title} ({gpu_name()})\n")
     print(markdown(rows, columns))
     if args.json:
@@ -131,3 +145,19 @@ def _decode(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str], 
     decode.summarize(rows, weights)
     return rows, decode.COLUMNS, (f"Decode step, {args.shape} shape, random weights "
                                   f"({weights / 2**30:.1f} GiB), CUDA graphs")
+
+
+def _dsv4(args: argparse.Namespace,
+          argv: list[str]) -> tuple[list[dict[str, Any]], list[str], str]:
+    from flashmemory.bench import dsv4
+
+    if not 0 < args.budget <= 1:
+        raise ValueError("--budget must be a fraction in (0, 1]")
+    if args.layers < 1 or args.recent_tokens < 0:
+        raise ValueError("--layers must be >= 1 and --recent-tokens >= 0")
+    bad = set(args.modes) - {"full", "lsa"}
+    if bad or not args.modes:
+        raise ValueError(f"--modes takes full and/or lsa, got {','.join(args.modes)}")
+    rows = dsv4.run(list(args.contexts), _ints(args.batches, "batches"), args.modes, args, argv)
+    return rows, dsv4.COLUMNS, ("DeepSeek-V4-Flash decode attention per token at 43 layers, "
+                                "random bf16 weights, CUDA graphs")

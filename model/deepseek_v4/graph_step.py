@@ -1,0 +1,147 @@
+"""DeepSeek-V4 attention for a decode batch with fixed shapes, so a step can be captured in a
+CUDA graph (issue 8, item 6). Called by ``flashmemory bench dsv4`` and its tests.
+
+``attention.Attention`` serves one request and grows its stores as entries arrive: right for
+prefill and the reference, but every step is dozens of small launches and host syncs.
+``GraphAttention`` runs the same layer for B requests at once over preallocated per-request
+buffers: the sliding ring (B, W, D), the compressed entries (B, N, D) with a count per request,
+and for CSA layers their index keys (B, N, Di). A request's rows are whatever its cache holds:
+every entry (full KV) or only the resident pages' entries (LSA), so the lightning indexer's
+top-k runs over resident entries only, as in the one-request path. The step:
+
+1. queries and the new token's K=V, as ``Attention``; the new K=V goes to its ring slot;
+2. the compressors' projections of the new token go to their pending slots (entries are emitted
+   outside the graph: this step is one in which no window closes, 3 of 4 CSA steps and 127 of
+   128 HCA steps);
+3. HCA: every entry below the count; CSA: the indexer's scores over the rows below the count
+   (``kernels.dsv4_index``), top-k, the picked rows gathered;
+4. one softmax over window, new token, entries and the sink, read in place per key block (no
+   concatenated key copy), then the output projection.
+
+Against ``Attention.forward`` on the same cache (tests/integration/test_dsv4_graph_step.py) the
+outputs agree for full and LSA-resident caches and ragged batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashmemory.kernels.dsv4_index import index_scores
+from flashmemory.model.deepseek_v4.attention import Attention
+from flashmemory.model.deepseek_v4.cache import LayerCache
+from flashmemory.model.deepseek_v4.config import CSA, SLIDING
+from flashmemory.model.deepseek_v4.layers import Rotary, apply_rope, rms_unweighted
+
+
+class GraphAttention:
+    """One layer's attention for ``batch`` decode rows, entries padded to ``capacity``."""
+
+    def __init__(self, attn: Attention, batch: int, capacity: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.attn, self.kind, self.batch = attn, attn.kind, batch
+        d, w = attn.head_dim, attn.window
+        self.ring = torch.zeros(batch, w, d, dtype=dtype, device=device)
+        self.ring_pos = torch.full((batch, w), -1, dtype=torch.long, device=device)
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)
+        self.entries = self.keys = None
+        self.pending: list[torch.Tensor] = []
+        if self.kind != SLIDING:
+            self.entries = torch.zeros(batch, capacity, d, dtype=dtype, device=device)
+            comps = [attn.compressor]
+            if self.kind == CSA:
+                assert attn.indexer is not None
+                di = attn.indexer.head_dim
+                self.keys = torch.zeros(batch, capacity, di, dtype=dtype, device=device)
+                comps.append(attn.indexer.compressor)
+            for c in comps:  # raw kv and gate projections of the open window's tokens
+                width = c.wkv.out_features
+                self.pending.append(torch.zeros(2, batch, c.ratio, width, dtype=dtype,
+                                                device=device))
+
+    def load(self, row: int, cache: LayerCache) -> None:
+        """Copy one request's window and held entries (all, or the resident ones) into ``row``."""
+        self.ring[row] = cache.window.kv
+        self.ring_pos[row] = cache.window.pos
+        if self.entries is None:
+            return
+        store = cache.entries
+        assert store is not None
+        n = store.valid_kv.shape[0]
+        if n > self.entries.shape[1]:
+            raise ValueError(f"request holds {n} entries; capacity is {self.entries.shape[1]}")
+        self.entries[row, :n] = store.valid_kv
+        if self.keys is not None:
+            self.keys[row, :n] = store.valid_index_keys
+        self.count[row] = n
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, positions: torch.Tensor,
+             rope: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """x (B, hidden) normalised attention input of each row's token at positions (B,);
+        rope: "main" / "compress" cos, sin (B, R/2) at those positions -> (B, hidden)."""
+        a, b = self.attn, x.shape[0]
+        rows = torch.arange(b, device=x.device)
+        cos, sin = rope[a.rope_kind]
+        q_res = a.q_norm(a.wq_a(x))
+        q = apply_rope(rms_unweighted(a.wq_b(q_res).view(b, a.n_heads, a.head_dim), a.eps),
+                       cos, sin)  # (B, H, D)
+        kv = apply_rope(a.kv_norm(a.wkv(x)), cos, sin)  # (B, D)
+        # window: ring slots inside (pos - W, pos], then the new token itself
+        ok = (self.ring_pos >= 0) & (self.ring_pos > positions[:, None] - a.window)
+        blocks = [(self.ring, ok), (kv[:, None, :], ok.new_ones(b, 1))]
+        comps = [] if self.kind == SLIDING else [a.compressor]
+        if self.kind == CSA:
+            assert a.indexer is not None
+            comps.append(a.indexer.compressor)
+        for comp, buf in zip(comps, self.pending, strict=True):
+            slot = positions % comp.ratio
+            buf[0, rows, slot] = comp.wkv(x)
+            buf[1, rows, slot] = comp.wgate(x)
+        if self.entries is not None:
+            idx = torch.arange(self.entries.shape[1], device=x.device)
+            if self.kind == CSA:
+                blocks.append(self._picked(x, q_res, rope["compress"]))
+            else:
+                blocks.append((self.entries, idx[None, :] < self.count[:, None]))
+        out = self._attend(q, blocks)
+        self.ring[rows, positions % a.window] = kv  # after the read: the slot held pos - W
+        self.ring_pos[rows, positions % a.window] = positions
+        out = apply_rope(out, cos, -sin)
+        return a.wo_b(a.wo_a(out.reshape(b, a.groups, -1)).flatten(1))
+
+    def _picked(self, x: torch.Tensor, q_res: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lightning indexer's top-k rows of each request: (B, k, D) and their validity."""
+        ix = self.attn.indexer
+        assert ix is not None and self.keys is not None and self.entries is not None
+        b = x.shape[0]
+        q = apply_rope(ix.wq_b(q_res).view(b, ix.n_heads, ix.head_dim), *rope)
+        w = ix.weights_proj(x).float() * ix.n_heads**-0.5
+        scores = index_scores(q, w, self.keys, self.count, ix.head_dim**-0.5)
+        top, rows = scores.topk(min(ix.topk, scores.shape[1]), dim=1)
+        d = self.entries.shape[2]
+        picked = self.entries.gather(1, rows[..., None].expand(-1, -1, d))
+        return picked, top > float("-inf")
+
+    def _attend(self, q: torch.Tensor,
+                blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Softmax over every key block (B, K_i, D) with mask (B, K_i) plus the sink; K = V."""
+        scale = self.attn.head_dim**-0.5
+        logits = [torch.bmm(q, k.transpose(1, 2)).float().mul_(scale)
+                  .masked_fill_(~m[:, None, :], float("-inf")) for k, m in blocks]
+        b, h = q.shape[:2]
+        logits.append(self.attn.sink.float().view(1, h, 1).expand(b, h, 1))
+        probs = torch.cat(logits, dim=-1).softmax(dim=-1).to(q.dtype)
+        out, start = None, 0
+        for k, _ in blocks:
+            part = torch.bmm(probs[..., start:start + k.shape[1]], k)
+            out = part if out is None else out + part
+            start += k.shape[1]
+        assert out is not None
+        return out
+
+
+def step_rope(rope_main: Rotary, rope_compress: Rotary, positions: torch.Tensor,
+              dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The cos/sin tables a batch step needs, at each row's position."""
+    return {"main": rope_main(positions, dtype), "compress": rope_compress(positions, dtype)}

@@ -1,0 +1,174 @@
+"""The batched fixed-shape DeepSeek-V4 decode attention (model/deepseek_v4/graph_step.py) against
+the one-request ``Attention.forward`` on the same caches, and the lightning-indexer score kernel
+(kernels/dsv4_index.py) against its reference; CPU, fp32, tests.helpers.TINY_DSV4 (layer 0
+sliding, 1 and 3 CSA with top-8, 2 HCA at 32:1).
+
+Two prompts of unequal length (1600 and 1201 tokens) form the batch; each decodes the token
+after its prompt, a step in which no compressed window closes (the step the graph path runs).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from flashmemory.kernels.dsv4_index import index_scores, index_scores_ref
+from flashmemory.model.deepseek_v4 import PageStore, fetch_pages, open_resident
+from flashmemory.model.deepseek_v4.config import CSA
+from flashmemory.model.deepseek_v4.graph_step import GraphAttention, step_rope
+from tests.helpers import TINY_DSV4, tiny_dsv4
+
+LENGTHS = (1600, 1201)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def prefilled(tmp_path_factory):
+    """(model, [full cache per prompt])."""
+    model = tiny_dsv4(tmp_path_factory.mktemp("dsv4-graph"))
+    caches = []
+    for i, n in enumerate(LENGTHS):
+        ids = torch.randint(0, TINY_DSV4["vocab_size"], (n,),
+                            generator=torch.Generator().manual_seed(10 + i))
+        cache = model.new_cache()
+        model(ids, torch.arange(n), cache)
+        caches.append(cache)
+    return model, caches
+
+
+def resident_copy(model, cache, pages):
+    """A decode-side cache holding only ``pages`` (64 entries each) of every CSA layer."""
+    store = PageStore(model.config, model.dtype)
+    store.add("r", cache)
+    resident = open_resident(cache)
+    fetch_pages(resident, store.read("r", pages))
+    return resident
+
+
+def check_layer(model, caches, layer: int, capacity: int | None = None) -> GraphAttention:
+    """One batch step of ``layer`` against Attention.forward per request; returns the graph
+    layer after its step."""
+    attn = model.layers[layer].attn
+    positions = torch.tensor([c.length for c in caches])
+    assert all(((p + 1) % 4) and ((p + 1) % 32) for p in positions.tolist())  # no window closes
+    x = torch.randn(len(caches), model.config.hidden_size,
+                    generator=torch.Generator().manual_seed(layer))
+    held = max((c.layers[layer].entries.valid_kv.shape[0] if c.layers[layer].entries is not None
+                else 0) for c in caches)
+    g = GraphAttention(attn, len(caches), capacity or held + 5, torch.device("cpu"), torch.float32)
+    for row, c in enumerate(caches):
+        g.load(row, c.layers[layer])
+    out = g.step(x, positions, step_rope(model.rope_main, model.rope_compress, positions,
+                                         torch.float32))
+    for row, c in enumerate(caches):
+        ref_cache = copy.deepcopy(c)
+        step = model._step_inputs(positions[row:row + 1], positions[row:row + 1], ref_cache,
+                                  None, None)
+        want = attn(x[row:row + 1], step, ref_cache.layers[layer])[0]
+        torch.testing.assert_close(out[row], want, rtol=1e-5, atol=1e-5)
+        slot = int(positions[row]) % attn.window  # the ring took the new token like the reference
+        torch.testing.assert_close(g.ring[row, slot], ref_cache.layers[layer].window.kv[slot])
+        assert int(g.ring_pos[row, slot]) == int(positions[row])
+    return g
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, 3])
+def test_batch_step_equals_the_one_request_path_on_full_caches(prefilled, layer):
+    model, caches = prefilled
+    g = check_layer(model, caches, layer)
+    if model.config.layer_types[layer] != "sliding_attention":
+        assert g.count.tolist() == [c.num_entries(layer) for c in caches]  # ragged rows
+
+
+@pytest.mark.parametrize("layer", [1, 3])
+def test_batch_step_picks_among_resident_entries_only(prefilled, layer):
+    """LSA: each request holds some pages; the top-8 over those rows matches the reference's,
+    and differs from the full cache's (so residency changed what was attended)."""
+    model, caches = prefilled
+    resident = [resident_copy(model, caches[0], [0, 3, 6]), resident_copy(model, caches[1], [1, 4])]
+    g = check_layer(model, resident, layer)
+    assert g.count.tolist() == [c.num_resident(layer) for c in resident]
+    assert g.count.tolist()[0] < caches[0].num_entries(layer)
+    full = check_layer(model, caches, layer)
+    x = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(layer))
+    positions = torch.tensor([c.length for c in caches])
+    rope = step_rope(model.rope_main, model.rope_compress, positions, torch.float32)
+    assert not torch.allclose(g.step(x, positions, rope), full.step(x, positions, rope))
+
+
+def test_capacity_is_checked(prefilled):
+    model, caches = prefilled
+    g = GraphAttention(model.layers[1].attn, 1, 10, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="capacity"):
+        g.load(0, caches[0].layers[1])
+    assert model.config.layer_types[1] == CSA
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_index_kernel_matches_reference(dtype):
+    """Triton kernel (compiled on a GPU, TRITON_INTERPRET=1 on CPU: tests/conftest.py) vs the
+    torch form: ragged counts, a partial last block, an empty request and a block past every
+    count; 12 heads (padded to 16 in the kernel)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernel runs on a GPU or under TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(0)
+    b, h, d, e = 3, 12, 32, 300
+    q = torch.randn(b, h, d, generator=g).to(dtype).to(dev)
+    keys = torch.randn(b, e, d, generator=g).to(dtype).to(dev)
+    w = torch.randn(b, h, generator=g).to(dev)
+    count = torch.tensor([300, 77, 0], device=dev)
+    got = index_scores(q, w, keys, count, 0.25, block_e=64)
+    want = index_scores_ref(q, w, keys, count, 0.25)
+    assert torch.isneginf(got[1, 77:]).all() and torch.isneginf(got[2]).all()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_index_kernel_rejects_bad_shapes():
+    q = torch.zeros(2, 16, 32)
+    with pytest.raises(ValueError, match="want q"):
+        index_scores(q, torch.zeros(2, 16), torch.zeros(3, 8, 32), torch.zeros(2), 1.0)
+
+
+@pytest.mark.gpu
+def test_graph_step_replays_in_a_cuda_graph(prefilled):
+    """The step captures (no host sync) and a replay equals an eager step."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    model, caches = prefilled
+    model = copy.deepcopy(model).cuda()
+    model.build_rotary()
+    dev = torch.device("cuda")
+    g = GraphAttention(model.layers[1].attn, 2, 512, dev, torch.float32)
+    for row, c in enumerate(caches):
+        layer = copy.deepcopy(c.layers[1])
+        layer.window.kv, layer.window.pos = layer.window.kv.cuda(), layer.window.pos.cuda()
+        layer.entries.kv = layer.entries.kv.cuda()
+        layer.entries.index_keys = layer.entries.index_keys.cuda()
+        g.load(row, layer)
+    positions = torch.tensor([c.length for c in caches], device=dev)
+    x = torch.randn(2, model.config.hidden_size, device=dev)
+    rope = step_rope(model.rope_main, model.rope_compress, positions, torch.float32)
+    ring, ring_pos = g.ring.clone(), g.ring_pos.clone()
+    eager = g.step(x, positions, rope)
+    g.ring.copy_(ring)
+    g.ring_pos.copy_(ring_pos)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        g.step(x, positions, rope)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    g.ring.copy_(ring)
+    g.ring_pos.copy_(ring_pos)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = g.step(x, positions, rope)
+    g.ring.copy_(ring)
+    g.ring_pos.copy_(ring_pos)
+    graph.replay()
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
