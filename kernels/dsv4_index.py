@@ -62,7 +62,7 @@ if triton is not None:
 
 
 def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
-                 scale: float, block_e: int = 128) -> torch.Tensor:
+                 scale: float, block_e: int = 128, num_warps: int = 4) -> torch.Tensor:
     """Shapes as ``index_scores_ref``; q and keys in one dtype (V4: 64 heads x 128). Never
     synchronizes (capturable in a CUDA graph); without Triton or on a CPU tensor outside the
     interpreter, the reference runs."""
@@ -85,5 +85,5 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, count: to
         keys.stride(1), out.stride(0), scale, e, HEADS=h, DIM=d,
         H_PAD=max(16, triton.next_power_of_2(h)), D_PAD=max(16, triton.next_power_of_2(d)),
         BLOCK_E=block_e,
-        DOT_FP32=interp or q.dtype == torch.float32, num_warps=4)
+        DOT_FP32=interp or q.dtype == torch.float32, num_warps=num_warps)
     return out

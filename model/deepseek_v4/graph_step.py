@@ -9,7 +9,8 @@ and for CSA layers their index keys (B, N, Di). A request's rows are whatever it
 every entry (full KV) or only the resident pages' entries (LSA), so the lightning indexer's
 top-k runs over resident entries only, as in the one-request path. The step:
 
-1. queries and the new token's K=V, as ``Attention``; the new K=V goes to its ring slot;
+1. queries and the new token's K=V, as ``Attention`` (each norm + RoPE one launch,
+   ``kernels.dsv4_fused``); the new K=V goes to its ring slot;
 2. the compressors' projections of the new token go to their pending slots (entries are emitted
    outside the graph: this step is one in which no window closes, 3 of 4 CSA steps and 127 of
    128 HCA steps);
@@ -26,11 +27,12 @@ from __future__ import annotations
 
 import torch
 
+from flashmemory.kernels.dsv4_fused import NORM_NONE, NORM_UNWEIGHTED, NORM_WEIGHTED, norm_rope
 from flashmemory.kernels.dsv4_index import index_scores
 from flashmemory.model.deepseek_v4.attention import Attention
 from flashmemory.model.deepseek_v4.cache import LayerCache
 from flashmemory.model.deepseek_v4.config import CSA, SLIDING
-from flashmemory.model.deepseek_v4.layers import Rotary, apply_rope, rms_unweighted
+from flashmemory.model.deepseek_v4.layers import Rotary
 
 
 class GraphAttention:
@@ -82,10 +84,10 @@ class GraphAttention:
         a, b = self.attn, x.shape[0]
         rows = torch.arange(b, device=x.device)
         cos, sin = rope[a.rope_kind]
-        q_res = a.q_norm(a.wq_a(x))
-        q = apply_rope(rms_unweighted(a.wq_b(q_res).view(b, a.n_heads, a.head_dim), a.eps),
-                       cos, sin)  # (B, H, D)
-        kv = apply_rope(a.kv_norm(a.wkv(x)), cos, sin)  # (B, D)
+        q_res = norm_rope(a.wq_a(x), NORM_WEIGHTED, a.q_norm.weight, a.q_norm.eps, None, None)
+        q = norm_rope(a.wq_b(q_res).view(b, a.n_heads, a.head_dim), NORM_UNWEIGHTED, None,
+                      a.eps, cos, sin)  # (B, H, D)
+        kv = norm_rope(a.wkv(x), NORM_WEIGHTED, a.kv_norm.weight, a.kv_norm.eps, cos, sin)
         # window: ring slots inside (pos - W, pos], then the new token itself
         ok = (self.ring_pos >= 0) & (self.ring_pos > positions[:, None] - a.window)
         blocks = [(self.ring, ok), (kv[:, None, :], ok.new_ones(b, 1))]
@@ -106,7 +108,7 @@ class GraphAttention:
         out = self._attend(q, blocks)
         self.ring[rows, positions % a.window] = kv  # after the read: the slot held pos - W
         self.ring_pos[rows, positions % a.window] = positions
-        out = apply_rope(out, cos, -sin)
+        out = norm_rope(out, NORM_NONE, None, 0.0, cos, -sin)  # undo the rotation
         return a.wo_b(a.wo_a(out.reshape(b, a.groups, -1)).flatten(1))
 
     def _picked(self, x: torch.Tensor, q_res: torch.Tensor,
@@ -115,7 +117,8 @@ class GraphAttention:
         ix = self.attn.indexer
         assert ix is not None and self.keys is not None and self.entries is not None
         b = x.shape[0]
-        q = apply_rope(ix.wq_b(q_res).view(b, ix.n_heads, ix.head_dim), *rope)
+        q = norm_rope(ix.wq_b(q_res).view(b, ix.n_heads, ix.head_dim), NORM_NONE, None, 0.0,
+                      *rope)
         w = ix.weights_proj(x).float() * ix.n_heads**-0.5
         scores = index_scores(q, w, self.keys, self.count, ix.head_dim**-0.5)
         top, rows = scores.topk(min(ix.topk, scores.shape[1]), dim=1)
@@ -134,11 +137,29 @@ class GraphAttention:
         probs = torch.cat(logits, dim=-1).softmax(dim=-1).to(q.dtype)
         out, start = None, 0
         for k, _ in blocks:
-            part = torch.bmm(probs[..., start:start + k.shape[1]], k)
+            part = _weighted_sum(probs[..., start:start + k.shape[1]], k)
             out = part if out is None else out + part
             start += k.shape[1]
         assert out is not None
         return out
+
+
+def _weighted_sum(p: torch.Tensor, k: torch.Tensor, piece: int = 512) -> torch.Tensor:
+    """p (B, H, K) @ k (B, K, D). For a batch, a long K is cut into pieces of ``piece`` keys,
+    one batched product each, summed in fp32: one (H, D) output per request is too few tiles to
+    spread a long reduction over the GPU, and cuBLAS splits the reduction of a single product
+    (B = 1) but not of a batched one. Measured on the H200 (BENCHMARKS 14b): an HCA layer at 1M
+    tokens (8192 keys), batch 8, 504 -> 338 us; at batch 1 the pieces were 7 us slower."""
+    b, h, n = p.shape
+    s = n // piece
+    if s < 2 or b == 1:
+        return torch.bmm(p, k)
+    m, d = s * piece, k.shape[2]
+    pp = p[..., :m].reshape(b, h, s, piece).transpose(1, 2).reshape(b * s, h, piece)
+    out = torch.bmm(pp, k[:, :m].reshape(b * s, piece, d)).view(b, s, h, d).float().sum(1)
+    if m < n:
+        out += torch.bmm(p[..., m:], k[:, m:]).float()
+    return out.to(p.dtype)
 
 
 def step_rope(rope_main: Rotary, rope_compress: Rotary, positions: torch.Tensor,

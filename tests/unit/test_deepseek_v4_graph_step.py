@@ -15,10 +15,18 @@ import os
 import pytest
 import torch
 
+from flashmemory.kernels.dsv4_fused import (
+    NORM_NONE,
+    NORM_UNWEIGHTED,
+    NORM_WEIGHTED,
+    norm_rope,
+    norm_rope_ref,
+)
 from flashmemory.kernels.dsv4_index import index_scores, index_scores_ref
 from flashmemory.model.deepseek_v4 import PageStore, fetch_pages, open_resident
 from flashmemory.model.deepseek_v4.config import CSA
 from flashmemory.model.deepseek_v4.graph_step import GraphAttention, step_rope
+from flashmemory.model.deepseek_v4.layers import RMSNorm, apply_rope
 from tests.helpers import TINY_DSV4, tiny_dsv4
 
 LENGTHS = (1600, 1201)
@@ -172,3 +180,42 @@ def test_graph_step_replays_in_a_cuda_graph(prefilled):
     g.ring_pos.copy_(ring_pos)
     graph.replay()
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", [NORM_NONE, NORM_WEIGHTED, NORM_UNWEIGHTED])
+@pytest.mark.parametrize("rope", [True, False])
+def test_norm_rope_kernel_matches_the_layers_it_fuses(dtype, mode, rope):
+    """One launch of norm + partial interleaved RoPE vs RMSNorm / rms_unweighted / apply_rope
+    (kernel compiled on a GPU, interpreted on CPU), heads and none, a non-power-of-two dim."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernel runs on a GPU or under TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(mode)
+    for shape in ((3, 5, 48), (4, 40)):
+        x = (3 * torch.randn(shape, generator=g)).to(dtype).to(dev)
+        w = (1 + torch.randn(shape[-1], generator=g)).to(dev)
+        cos = sin = None
+        if rope:
+            ang = torch.randn(shape[0], 6, generator=g)
+            cos, sin = ang.cos().to(dtype).to(dev), ang.sin().to(dtype).to(dev)
+        got = norm_rope(x, mode, w, 1e-6, cos, sin)
+        want = norm_rope_ref(x, mode, w, 1e-6, cos, sin)
+        if mode == NORM_WEIGHTED:  # the reference is the model's own module
+            ref = RMSNorm(shape[-1], 1e-6).to(dev)
+            ref.weight.data.copy_(w)
+            plain = ref(x)
+            want2 = plain if cos is None else apply_rope(plain, cos, sin)
+            torch.testing.assert_close(want, want2)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("keys", [3, 8, 11])
+def test_long_key_blocks_are_summed_in_pieces_like_one_product(keys):
+    from flashmemory.model.deepseek_v4.graph_step import _weighted_sum
+
+    g = torch.Generator().manual_seed(keys)
+    p, k = torch.randn(2, 5, keys, generator=g), torch.randn(2, keys, 6, generator=g)
+    torch.testing.assert_close(_weighted_sum(p, k, piece=4), torch.bmm(p, k))
+    torch.testing.assert_close(_weighted_sum(p[:1], k[:1], piece=4), torch.bmm(p[:1], k[:1]))
