@@ -32,7 +32,13 @@ try:
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flashmemory.bench.dsv4 import flash_config, lsa_page_ids, random_model
+from flashmemory.bench.dsv4 import (
+    bytes_table,
+    flash_config,
+    lsa_page_ids,
+    per_token_bytes,
+    random_model,
+)
 from flashmemory.model.deepseek_v4.cache import (
     CSA_PAGE_ENTRIES,
     CompressorState,
@@ -145,14 +151,6 @@ def time_steps(model: DeepseekV4ForCausalLM, cache: DSV4Cache, warmup: int, step
         if i >= warmup:
             times.append(ms)
     return times
-
-
-def per_token_bytes(cfg: DeepseekV4Config, elt: int = 2) -> dict[str, float]:
-    """Bytes one context token costs per layer of each type (bf16), and the window's fixed size."""
-    return {"window_per_windowed_token": cfg.head_dim * elt,
-            "window_fixed_per_layer": cfg.sliding_window * cfg.head_dim * elt,
-            "csa_per_token": (cfg.head_dim + cfg.index_head_dim) * elt / cfg.csa_compress_rate,
-            "hca_per_token": cfg.head_dim * elt / cfg.hca_compress_rate}
 
 
 def full_depth_gb(bpt: dict[str, float], csa_tokens: float, n: int,
@@ -277,13 +275,7 @@ def main() -> None:
     print(f"\nKV bytes per context token per layer (bf16, {args.layers} CSA + {args.layers} HCA "
           f"layer(s) measured above; the 43-layer column assumes {args.est_sliding} sliding + "
           f"{args.est_csa} CSA + {args.est_hca} HCA):\n")
-    print("| layer type | bytes / token | note |")
-    print("|---|---:|---|")
-    print(f"| window | {bpt['window_per_windowed_token']:.0f} | last {cfg.sliding_window} tokens "
-          f"only: {bpt['window_fixed_per_layer'] / 1024:.0f} KiB fixed per layer |")
-    print(f"| CSA | {bpt['csa_per_token']:.0f} | ({cfg.head_dim} entry + {cfg.index_head_dim} "
-          f"index key) x 2 B / {cfg.csa_compress_rate} |")
-    print(f"| HCA | {bpt['hca_per_token']:.0f} | {cfg.head_dim} x 2 B / {cfg.hca_compress_rate} |")
+    print(bytes_table(cfg))
 
     if args.json:
         meta = {"command": "python " + shlex.join(sys.argv), "torch": torch.__version__,

@@ -78,8 +78,38 @@ def lsa_page_ids(num_entries: int, budget: float, recent_tokens: int, ratio: int
     return sorted(fixed | {others[i] for i in picked})
 
 
+def per_token_bytes(cfg: DeepseekV4Config, elt: int = 2) -> dict[str, float]:
+    """Bytes one context token costs per layer of each type (bf16), and the window's fixed size."""
+    return {"window_per_windowed_token": cfg.head_dim * elt,
+            "window_fixed_per_layer": cfg.sliding_window * cfg.head_dim * elt,
+            "csa_per_token": (cfg.head_dim + cfg.index_head_dim) * elt / cfg.csa_compress_rate,
+            "hca_per_token": cfg.head_dim * elt / cfg.hca_compress_rate}
+
+
+def bytes_table(cfg: DeepseekV4Config) -> str:
+    """KV bytes per context token per layer type, as a Markdown table."""
+    b = per_token_bytes(cfg)
+    return "\n".join([
+        "| layer type | bytes / token | note |", "|---|---:|---|",
+        f"| window | {b['window_per_windowed_token']:.0f} | last {cfg.sliding_window} tokens "
+        f"only: {b['window_fixed_per_layer'] / 1024:.0f} KiB fixed per layer |",
+        f"| CSA | {b['csa_per_token']:.0f} | ({cfg.head_dim} entry + {cfg.index_head_dim} "
+        f"index key) x 2 B / {cfg.csa_compress_rate} |",
+        f"| HCA | {b['hca_per_token']:.0f} | {cfg.head_dim} x 2 B / {cfg.hca_compress_rate} |"])
+
+
 def entries_in(pages: list[int], num_entries: int) -> int:
     return sum(min(CSA_PAGE_ENTRIES, num_entries - p * CSA_PAGE_ENTRIES) for p in pages)
+
+
+def kv_per_request(cfg: DeepseekV4Config, csa_entries: int, n: int) -> float:
+    """Bytes of KV one request keeps on the decode GPU at V4-Flash depth (``DEPTH``), bf16:
+    ``csa_entries`` CSA entries (with index keys) per CSA layer, n // 128 entries per HCA layer,
+    a full window in every layer."""
+    b = per_token_bytes(cfg)
+    return (DEPTH[CSA] * csa_entries * b["csa_per_token"] * cfg.csa_compress_rate
+            + DEPTH[HCA] * (n // cfg.hca_compress_rate) * b["hca_per_token"]
+            * cfg.hca_compress_rate + sum(DEPTH.values()) * b["window_fixed_per_layer"])
 
 
 def _fill(g: Any, n: int, count: int) -> None:
@@ -129,11 +159,7 @@ def run_case(model, n: int, mode: str, batch: int, args: Any) -> dict[str, Any]:
         del layers
     row["attn_ms_per_step"] = total / 1e3
     row["attn_tokens_per_s"] = batch / (total / 1e6)
-    e = 2  # bf16
-    csa_b = (cfg.head_dim + cfg.index_head_dim) * e
-    kv = (DEPTH[CSA] * held * csa_b + DEPTH[HCA] * hca_entries * cfg.head_dim * e
-          + sum(DEPTH.values()) * cfg.sliding_window * cfg.head_dim * e)
-    row["kv_gb_per_request"] = kv / 1e9
+    row["kv_gb_per_request"] = kv_per_request(cfg, held, n) / 1e9
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -146,6 +172,10 @@ def run(contexts: list[int], batches: list[int], modes: list[str], args: Any,
     kinds = [SLIDING] * args.layers + [CSA] * args.layers + [HCA] * args.layers
     cfg = flash_config(kinds)
     model = random_model(cfg, torch.device("cuda"), args.seed)
+    print("KV bytes per context token per layer type (bf16; DESIGN.md: CSA stores a 512-d entry "
+          "and a 128-d index key per 4 tokens, HCA one entry per 128 tokens, every layer a "
+          "128-token window):\n")
+    print(bytes_table(cfg) + "\n")
     rows = []
     for n in contexts:
         for batch in batches:
