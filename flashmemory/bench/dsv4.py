@@ -9,11 +9,11 @@ HCA entries, and for CSA either every one of the n // 4 entries (full) or the en
 resident pages (LSA at the paper's settings: the sink page, the last ``recent_tokens`` of pages,
 and KMAX = ceil(``budget`` x closed pages) others, random here since no checkpoint's scores
 exist). A step is ``model.deepseek_v4.graph_step.GraphAttention.step`` for every layer of a type
-captured in one CUDA graph (queries, the new token's K=V, the compressors' projections, the
-lightning indexer over the held entries, top-k, the softmax over window + entries + sink, the
-output projection), L2 flushed before each replay. Per token at V4-Flash depth: 2 sliding + 21
-CSA + 20 HCA layers x these times. Not in it: the MoE/FFN and mHC of each block (the same for
-full and LSA), the embedding and the head.
+captured in one CUDA graph (queries, the new token's K=V, the compressors' pooling of the open
+window, the lightning indexer over the held entries, top-k, the softmax over window + entries +
+sink, the output projection), L2 flushed before each replay. Per token at V4-Flash depth:
+2 sliding + 21 CSA + 20 HCA layers x these times. Not in it: the MoE/FFN and mHC of each block
+(the same for full and LSA), the embedding and the head.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def run_case(model, n: int, mode: str, batch: int, args: Any) -> dict[str, Any]:
     held = csa_entries if mode == "full" else entries_in(pages, csa_entries)
     positions = torch.full((batch,), n, device=dev)  # the token after an n-token prompt
     if (n + 1) % cfg.csa_compress_rate == 0:
-        positions += 1  # a step in which no window closes (what the graph step runs)
+        positions += 1  # replays keep one count (the pooling runs in every step either way)
     rope = step_rope(model.rope_main, model.rope_compress, positions, model.dtype)
     x = torch.randn(batch, cfg.hidden_size, device=dev, dtype=model.dtype)
     row: dict[str, Any] = {"context": n, "mode": mode, "batch": batch,
@@ -149,7 +149,8 @@ def run_case(model, n: int, mode: str, batch: int, args: Any) -> dict[str, Any]:
             if cfg.layer_types[i] != kind:
                 continue
             cap = {SLIDING: 1, CSA: held, HCA: hca_entries}[kind]
-            g = GraphAttention(block.attn, batch, cap, dev, model.dtype)
+            g = GraphAttention(block.attn, model.rope_compress, batch, cap + 64, dev,
+                               model.dtype)
             _fill(g, n, cap)
             layers.append(g)
         us = time_graph_ms(lambda layers=layers: [g.step(x, positions, rope) for g in layers])

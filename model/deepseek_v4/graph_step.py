@@ -11,16 +11,17 @@ top-k runs over resident entries only, as in the one-request path. The step:
 
 1. queries and the new token's K=V, as ``Attention`` (each norm + RoPE one launch,
    ``kernels.dsv4_fused``); the new K=V goes to its ring slot;
-2. the compressors' projections of the new token go to their pending slots (entries are emitted
-   outside the graph: this step is one in which no window closes, 3 of 4 CSA steps and 127 of
-   128 HCA steps);
+2. the compressors take the new token's projections into each row's open window; a row whose
+   window closes appends the pooled entry (and, CSA, its index key) at its count, in the step,
+   so the token attends to it as in ``Attention`` (rows that do not close compute it unused);
 3. HCA: every entry below the count; CSA: the indexer's scores over the rows below the count
    (``kernels.dsv4_index``), top-k, the picked rows gathered;
 4. one softmax over window, new token, entries and the sink, read in place per key block (no
    concatenated key copy), then the output projection.
 
-Against ``Attention.forward`` on the same cache (tests/integration/test_dsv4_graph_step.py) the
-outputs agree for full and LSA-resident caches and ragged batches.
+Against ``Attention.forward`` on the same caches (tests/unit/test_deepseek_v4_graph_step.py) the
+outputs and the emitted entries agree step after step, for full and LSA-resident caches and
+ragged batches.
 """
 
 from __future__ import annotations
@@ -30,35 +31,82 @@ import torch
 from flashmemory.kernels.dsv4_fused import NORM_NONE, NORM_UNWEIGHTED, NORM_WEIGHTED, norm_rope
 from flashmemory.kernels.dsv4_index import index_scores
 from flashmemory.model.deepseek_v4.attention import Attention
-from flashmemory.model.deepseek_v4.cache import LayerCache
+from flashmemory.model.deepseek_v4.cache import CompressorState, LayerCache
+from flashmemory.model.deepseek_v4.compressor import Compressor
 from flashmemory.model.deepseek_v4.config import CSA, SLIDING
 from flashmemory.model.deepseek_v4.layers import Rotary
 
 
-class GraphAttention:
-    """One layer's attention for ``batch`` decode rows, entries padded to ``capacity``."""
+class _Pending:
+    """A compressor's open window for each row: the raw kv / gate projections of its tokens
+    (slot = position % ratio) and, for overlapping compressors, the previous window's first
+    halves that the next entry pools with (gate with its position bias, as ``CompressorState``)."""
 
-    def __init__(self, attn: Attention, batch: int, capacity: int, device: torch.device,
+    def __init__(self, comp: Compressor, batch: int, device: torch.device,
                  dtype: torch.dtype) -> None:
-        self.attn, self.kind, self.batch = attn, attn.kind, batch
+        self.comp, r, width, dim = comp, comp.ratio, comp.wkv.out_features, comp.dim
+        self.kv = torch.zeros(batch, r, width, dtype=dtype, device=device)
+        self.gate = torch.zeros(batch, r, width, dtype=dtype, device=device)
+        self.prev_kv = self.prev_gate = None
+        if comp.overlap:  # no previous window yet: zero kv, -inf gate (weight 0)
+            self.prev_kv = torch.zeros(batch, r, dim, dtype=dtype, device=device)
+            self.prev_gate = torch.full((batch, r, dim), float("-inf"), device=device)
+
+    def load(self, row: int, state: CompressorState) -> None:
+        p = state.kv.shape[0]  # pending tokens, slots 0..p-1 (windows start at multiples of r)
+        self.kv[row, :p], self.gate[row, :p] = state.kv, state.gate
+        if self.prev_kv is not None and self.prev_gate is not None:
+            if state.prev_kv is None or state.prev_gate is None:
+                self.prev_kv[row], self.prev_gate[row] = 0.0, float("-inf")
+            else:
+                self.prev_kv[row], self.prev_gate[row] = state.prev_kv, state.prev_gate
+
+    def push(self, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+             rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add each row's token; return the entry its window would close into (B, dim), for
+        every row, and which rows did close one (B,) bool (the others' entries are unused)."""
+        c, r = self.comp, self.comp.ratio
+        slot = positions % r
+        self.kv[rows, slot] = c.wkv(x)
+        self.gate[rows, slot] = c.wgate(x)
+        kv, gate = self.kv, self.gate + c.ape  # gate fp32 after the bias
+        closing = (positions + 1) % r == 0
+        if self.prev_kv is not None and self.prev_gate is not None:
+            d = c.dim
+            first_kv, first_gate = kv[..., :d], gate[..., :d]
+            kv = torch.cat([self.prev_kv, kv[..., d:]], dim=1)  # (B, 2r, dim)
+            gate = torch.cat([self.prev_gate, gate[..., d:]], dim=1)
+            shut = closing[:, None, None]
+            self.prev_kv.copy_(torch.where(shut, first_kv, self.prev_kv))
+            self.prev_gate.copy_(torch.where(shut, first_gate, self.prev_gate))
+        weights = gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)
+        pooled = c.norm((kv * weights).sum(dim=1))  # (B, dim)
+        cos, sin = rotary(positions + 1 - r, pooled.dtype)  # at the window's first token
+        return norm_rope(pooled, NORM_NONE, None, 0.0, cos, sin), closing
+
+
+class GraphAttention:
+    """One layer's attention for ``batch`` decode rows, entries padded to ``capacity`` (which
+    must leave room for the entries decode adds: one per ``ratio`` steps)."""
+
+    def __init__(self, attn: Attention, rotary: Rotary, batch: int, capacity: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.attn, self.kind, self.batch, self.rotary = attn, attn.kind, batch, rotary
         d, w = attn.head_dim, attn.window
         self.ring = torch.zeros(batch, w, d, dtype=dtype, device=device)
         self.ring_pos = torch.full((batch, w), -1, dtype=torch.long, device=device)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)
         self.entries = self.keys = None
-        self.pending: list[torch.Tensor] = []
+        self.pending: list[_Pending] = []
         if self.kind != SLIDING:
+            assert attn.compressor is not None
             self.entries = torch.zeros(batch, capacity, d, dtype=dtype, device=device)
-            comps = [attn.compressor]
+            self.pending.append(_Pending(attn.compressor, batch, device, dtype))
             if self.kind == CSA:
                 assert attn.indexer is not None
                 di = attn.indexer.head_dim
                 self.keys = torch.zeros(batch, capacity, di, dtype=dtype, device=device)
-                comps.append(attn.indexer.compressor)
-            for c in comps:  # raw kv and gate projections of the open window's tokens
-                width = c.wkv.out_features
-                self.pending.append(torch.zeros(2, batch, c.ratio, width, dtype=dtype,
-                                                device=device))
+                self.pending.append(_Pending(attn.indexer.compressor, batch, device, dtype))
 
     def load(self, row: int, cache: LayerCache) -> None:
         """Copy one request's window and held entries (all, or the resident ones) into ``row``."""
@@ -75,6 +123,10 @@ class GraphAttention:
         if self.keys is not None:
             self.keys[row, :n] = store.valid_index_keys
         self.count[row] = n
+        states = [cache.compressor, cache.index_compressor][:len(self.pending)]
+        for pend, state in zip(self.pending, states, strict=True):
+            assert state is not None
+            pend.load(row, state)
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, positions: torch.Tensor,
@@ -91,15 +143,8 @@ class GraphAttention:
         # window: ring slots inside (pos - W, pos], then the new token itself
         ok = (self.ring_pos >= 0) & (self.ring_pos > positions[:, None] - a.window)
         blocks = [(self.ring, ok), (kv[:, None, :], ok.new_ones(b, 1))]
-        comps = [] if self.kind == SLIDING else [a.compressor]
-        if self.kind == CSA:
-            assert a.indexer is not None
-            comps.append(a.indexer.compressor)
-        for comp, buf in zip(comps, self.pending, strict=True):
-            slot = positions % comp.ratio
-            buf[0, rows, slot] = comp.wkv(x)
-            buf[1, rows, slot] = comp.wgate(x)
         if self.entries is not None:
+            self._compress(x, positions, rows)
             idx = torch.arange(self.entries.shape[1], device=x.device)
             if self.kind == CSA:
                 blocks.append(self._picked(x, q_res, rope["compress"]))
@@ -110,6 +155,19 @@ class GraphAttention:
         self.ring_pos[rows, positions % a.window] = positions
         out = norm_rope(out, NORM_NONE, None, 0.0, cos, -sin)  # undo the rotation
         return a.wo_b(a.wo_a(out.reshape(b, a.groups, -1)).flatten(1))
+
+    def _compress(self, x: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> None:
+        """The compressors take each row's token; a row whose window closes appends its entry
+        (and, CSA, its index key) at its count, visible to this step as in ``Attention``."""
+        assert self.entries is not None
+        closing = None
+        targets = [self.entries] if self.keys is None else [self.entries, self.keys]
+        slot = self.count.clamp(max=self.entries.shape[1] - 1)
+        for pend, store in zip(self.pending, targets, strict=True):
+            new, closing = pend.push(x, positions, rows, self.rotary)
+            store[rows, slot] = torch.where(closing[:, None], new, store[rows, slot])
+        assert closing is not None
+        self.count += closing.long()
 
     def _picked(self, x: torch.Tensor, q_res: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

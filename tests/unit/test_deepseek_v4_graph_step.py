@@ -57,30 +57,36 @@ def resident_copy(model, cache, pages):
     return resident
 
 
-def check_layer(model, caches, layer: int, capacity: int | None = None) -> GraphAttention:
-    """One batch step of ``layer`` against Attention.forward per request; returns the graph
-    layer after its step."""
+def check_layer(model, caches, layer: int, steps: int = 1,
+                capacity: int | None = None) -> GraphAttention:
+    """``steps`` batch steps of ``layer`` (each row's next positions, a fresh random input per
+    step) against Attention.forward per request, output and ring after every step; returns the
+    graph layer after its last step."""
     attn = model.layers[layer].attn
     positions = torch.tensor([c.length for c in caches])
-    assert all(((p + 1) % 4) and ((p + 1) % 32) for p in positions.tolist())  # no window closes
-    x = torch.randn(len(caches), model.config.hidden_size,
-                    generator=torch.Generator().manual_seed(layer))
     held = max((c.layers[layer].entries.valid_kv.shape[0] if c.layers[layer].entries is not None
                 else 0) for c in caches)
-    g = GraphAttention(attn, len(caches), capacity or held + 5, torch.device("cpu"), torch.float32)
+    g = GraphAttention(attn, model.rope_compress, len(caches), capacity or held + steps,
+                       torch.device("cpu"), torch.float32)
     for row, c in enumerate(caches):
         g.load(row, c.layers[layer])
-    out = g.step(x, positions, step_rope(model.rope_main, model.rope_compress, positions,
-                                         torch.float32))
-    for row, c in enumerate(caches):
-        ref_cache = copy.deepcopy(c)
-        step = model._step_inputs(positions[row:row + 1], positions[row:row + 1], ref_cache,
-                                  None, None)
-        want = attn(x[row:row + 1], step, ref_cache.layers[layer])[0]
-        torch.testing.assert_close(out[row], want, rtol=1e-5, atol=1e-5)
-        slot = int(positions[row]) % attn.window  # the ring took the new token like the reference
-        torch.testing.assert_close(g.ring[row, slot], ref_cache.layers[layer].window.kv[slot])
-        assert int(g.ring_pos[row, slot]) == int(positions[row])
+    refs = [copy.deepcopy(c) for c in caches]
+    gen = torch.Generator().manual_seed(layer)
+    for _ in range(steps):
+        x = torch.randn(len(caches), model.config.hidden_size, generator=gen)
+        out = g.step(x, positions, step_rope(model.rope_main, model.rope_compress, positions,
+                                             torch.float32))
+        for row, ref_cache in enumerate(refs):
+            step = model._step_inputs(positions[row:row + 1], positions[row:row + 1], ref_cache,
+                                      None, None)
+            want = attn(x[row:row + 1], step, ref_cache.layers[layer])[0]
+            torch.testing.assert_close(out[row], want, rtol=1e-5, atol=1e-5)
+            slot = int(positions[row]) % attn.window  # the ring took the token as the reference
+            torch.testing.assert_close(g.ring[row, slot], ref_cache.layers[layer].window.kv[slot])
+            assert int(g.ring_pos[row, slot]) == int(positions[row])
+            if g.entries is not None:  # entries emitted as the reference's, at the same rows
+                assert int(g.count[row]) == ref_cache.layers[layer].entries.valid_kv.shape[0]
+        positions = positions + 1
     return g
 
 
@@ -92,25 +98,36 @@ def test_batch_step_equals_the_one_request_path_on_full_caches(prefilled, layer)
         assert g.count.tolist() == [c.num_entries(layer) for c in caches]  # ragged rows
 
 
+@pytest.mark.parametrize("layer", [1, 2])
+def test_batch_steps_emit_entries_as_the_one_request_path(prefilled, layer):
+    """40 steps: every row closes CSA windows (4:1) and an HCA window (32:1) along the way; the
+    entries appear at the same steps with the same contents (the outputs depend on them)."""
+    model, caches = prefilled
+    g = check_layer(model, caches, layer, steps=40)
+    ratio = 4 if layer == 1 else 32
+    assert g.count.tolist() == [(c.length + 40) // ratio for c in caches]
+
+
 @pytest.mark.parametrize("layer", [1, 3])
 def test_batch_step_picks_among_resident_entries_only(prefilled, layer):
     """LSA: each request holds some pages; the top-8 over those rows matches the reference's,
     and differs from the full cache's (so residency changed what was attended)."""
     model, caches = prefilled
     resident = [resident_copy(model, caches[0], [0, 3, 6]), resident_copy(model, caches[1], [1, 4])]
-    g = check_layer(model, resident, layer)
-    assert g.count.tolist() == [c.num_resident(layer) for c in resident]
+    g = check_layer(model, resident, layer, steps=12)  # 3 new entries each, resident
+    assert g.count.tolist() == [c.num_resident(layer) + 3 for c in resident]
     assert g.count.tolist()[0] < caches[0].num_entries(layer)
-    full = check_layer(model, caches, layer)
+    full = check_layer(model, caches, layer, steps=12)
     x = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(layer))
-    positions = torch.tensor([c.length for c in caches])
+    positions = torch.tensor([c.length + 12 for c in caches])
     rope = step_rope(model.rope_main, model.rope_compress, positions, torch.float32)
     assert not torch.allclose(g.step(x, positions, rope), full.step(x, positions, rope))
 
 
 def test_capacity_is_checked(prefilled):
     model, caches = prefilled
-    g = GraphAttention(model.layers[1].attn, 1, 10, torch.device("cpu"), torch.float32)
+    g = GraphAttention(model.layers[1].attn, model.rope_compress, 1, 10, torch.device("cpu"),
+                       torch.float32)
     with pytest.raises(ValueError, match="capacity"):
         g.load(0, caches[0].layers[1])
     assert model.config.layer_types[1] == CSA
@@ -152,7 +169,7 @@ def test_graph_step_replays_in_a_cuda_graph(prefilled):
     model = copy.deepcopy(model).cuda()
     model.build_rotary()
     dev = torch.device("cuda")
-    g = GraphAttention(model.layers[1].attn, 2, 512, dev, torch.float32)
+    g = GraphAttention(model.layers[1].attn, model.rope_compress, 2, 512, dev, torch.float32)
     for row, c in enumerate(caches):
         layer = copy.deepcopy(c.layers[1])
         layer.window.kv, layer.window.pos = layer.window.kv.cuda(), layer.window.pos.cuda()
