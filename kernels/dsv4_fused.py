@@ -115,3 +115,93 @@ def norm_rope(x: torch.Tensor, mode: int, weight: torch.Tensor | None, eps: floa
         H_PAD=max(2, triton.next_power_of_2(max(1, half))), MODE=mode, ROPE=cos is not None,
         num_warps=4)
     return out.view(x.shape)
+
+
+def pool_window_ref(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor,
+                    prev_kv: torch.Tensor | None, prev_gate: torch.Tensor | None,
+                    positions: torch.Tensor) -> torch.Tensor:
+    """The entry each row's open window pools into, before its norm (``Compressor.forward``).
+
+    kv / gate (B, r, width) raw projections of the window's tokens, ape (r, width) fp32; for an
+    overlapping compressor (width = 2 x dim) prev_kv (B, r, dim) / prev_gate (B, r, dim, fp32,
+    position bias included) are the previous window's first halves, replaced in place by this
+    window's where a row's window closes ((position + 1) % r == 0). Returns (B, dim) in kv's
+    dtype."""
+    g = gate + ape
+    if prev_kv is not None and prev_gate is not None:
+        d = kv.shape[2] // 2
+        first_kv, first_gate = kv[..., :d], g[..., :d]
+        kv = torch.cat([prev_kv, kv[..., d:]], dim=1)
+        g = torch.cat([prev_gate, g[..., d:]], dim=1)
+        shut = ((positions + 1) % ape.shape[0] == 0)[:, None, None]
+        prev_kv.copy_(torch.where(shut, first_kv, prev_kv))
+        prev_gate.copy_(torch.where(shut, first_gate, prev_gate))
+    weights = g.softmax(dim=1, dtype=torch.float32).to(kv.dtype)
+    return (kv * weights).sum(dim=1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pool_kernel(KV, Gate, Ape, PrevKV, PrevGate, Pos, Out, stride_kb, stride_kr,
+                     stride_pb, stride_pr, stride_ob, DIM: tl.constexpr, R: tl.constexpr,
+                     BLOCK_D: tl.constexpr, OVERLAP: tl.constexpr):
+        b = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        j = tl.arange(0, R)
+        ok = (d < DIM)[None, :]
+        dtype = KV.dtype.element_ty
+        off = DIM if OVERLAP else 0  # the window's own half of an overlapping projection
+        at = b * stride_kb + j[:, None] * stride_kr + off + d[None, :]
+        k2 = tl.load(KV + at, mask=ok, other=0.0).to(tl.float32)
+        g2 = (tl.load(Gate + at, mask=ok, other=0.0).to(tl.float32)
+              + tl.load(Ape + j[:, None] * (DIM * (2 if OVERLAP else 1)) + off + d[None, :],
+                        mask=ok, other=0.0))
+        m = tl.max(g2, 0)
+        if OVERLAP:
+            pat = b * stride_pb + j[:, None] * stride_pr + d[None, :]
+            k1 = tl.load(PrevKV + pat, mask=ok, other=0.0).to(tl.float32)
+            g1 = tl.load(PrevGate + pat, mask=ok, other=float("-inf"))
+            m = tl.maximum(m, tl.max(g1, 0))
+            e1 = tl.exp(g1 - m[None, :])
+            e2 = tl.exp(g2 - m[None, :])
+            s = tl.sum(e1, 0) + tl.sum(e2, 0)
+            w1 = (e1 / s[None, :]).to(dtype).to(tl.float32)
+            w2 = (e2 / s[None, :]).to(dtype).to(tl.float32)
+            acc = (tl.sum((k1 * w1).to(dtype).to(tl.float32), 0)
+                   + tl.sum((k2 * w2).to(dtype).to(tl.float32), 0))
+            pos = tl.load(Pos + b)
+            if (pos + 1) % R == 0:  # this window closes: its first halves pool with the next
+                first = b * stride_kb + j[:, None] * stride_kr + d[None, :]
+                tl.store(PrevKV + pat, tl.load(KV + first, mask=ok, other=0.0), mask=ok)
+                g0 = (tl.load(Gate + first, mask=ok, other=0.0).to(tl.float32)
+                      + tl.load(Ape + j[:, None] * (2 * DIM) + d[None, :], mask=ok, other=0.0))
+                tl.store(PrevGate + pat, g0, mask=ok)
+        else:
+            e2 = tl.exp(g2 - m[None, :])
+            w2 = (e2 / tl.sum(e2, 0)[None, :]).to(dtype).to(tl.float32)
+            acc = tl.sum((k2 * w2).to(dtype).to(tl.float32), 0)
+        tl.store(Out + b * stride_ob + d, acc.to(dtype), mask=d < DIM)
+
+
+def pool_window(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor,
+                prev_kv: torch.Tensor | None, prev_gate: torch.Tensor | None,
+                positions: torch.Tensor, block_d: int = 64) -> torch.Tensor:
+    """As ``pool_window_ref`` in one launch (a GPU or TRITON_INTERPRET=1; the reference
+    otherwise). r must be a power of two (V4: 4 and 128)."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if triton is None or not (kv.is_cuda or interp):
+        return pool_window_ref(kv, gate, ape, prev_kv, prev_gate, positions)
+    b, r, width = kv.shape
+    overlap = prev_kv is not None
+    dim = width // 2 if overlap else width
+    if r & (r - 1) or kv.stride(-1) != 1 or gate.stride() != kv.stride() or not ape.is_contiguous():
+        raise ValueError("pool_window wants a power-of-two window and contiguous buffers")
+    out = torch.empty((b, dim), dtype=kv.dtype, device=kv.device)
+    pk = prev_kv if prev_kv is not None else kv
+    pg = prev_gate if prev_gate is not None else gate
+    _pool_kernel[(b, triton.cdiv(dim, block_d))](
+        kv, gate, ape, pk, pg, positions, out, kv.stride(0), kv.stride(1), pk.stride(0),
+        pk.stride(1), out.stride(0), DIM=dim, R=r, BLOCK_D=block_d, OVERLAP=overlap,
+        num_warps=4)
+    return out

@@ -28,7 +28,13 @@ from __future__ import annotations
 
 import torch
 
-from flashmemory.kernels.dsv4_fused import NORM_NONE, NORM_UNWEIGHTED, NORM_WEIGHTED, norm_rope
+from flashmemory.kernels.dsv4_fused import (
+    NORM_NONE,
+    NORM_UNWEIGHTED,
+    NORM_WEIGHTED,
+    norm_rope,
+    pool_window,
+)
 from flashmemory.kernels.dsv4_index import index_scores
 from flashmemory.model.deepseek_v4.attention import Attention
 from flashmemory.model.deepseek_v4.cache import CompressorState, LayerCache
@@ -69,20 +75,10 @@ class _Pending:
         slot = positions % r
         self.kv[rows, slot] = c.wkv(x)
         self.gate[rows, slot] = c.wgate(x)
-        kv, gate = self.kv, self.gate + c.ape  # gate fp32 after the bias
-        closing = (positions + 1) % r == 0
-        if self.prev_kv is not None and self.prev_gate is not None:
-            d = c.dim
-            first_kv, first_gate = kv[..., :d], gate[..., :d]
-            kv = torch.cat([self.prev_kv, kv[..., d:]], dim=1)  # (B, 2r, dim)
-            gate = torch.cat([self.prev_gate, gate[..., d:]], dim=1)
-            shut = closing[:, None, None]
-            self.prev_kv.copy_(torch.where(shut, first_kv, self.prev_kv))
-            self.prev_gate.copy_(torch.where(shut, first_gate, self.prev_gate))
-        weights = gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)
-        pooled = c.norm((kv * weights).sum(dim=1))  # (B, dim)
+        pooled = pool_window(self.kv, self.gate, c.ape, self.prev_kv, self.prev_gate, positions)
         cos, sin = rotary(positions + 1 - r, pooled.dtype)  # at the window's first token
-        return norm_rope(pooled, NORM_NONE, None, 0.0, cos, sin), closing
+        entry = norm_rope(pooled, NORM_WEIGHTED, c.norm.weight, c.norm.eps, cos, sin)
+        return entry, (positions + 1) % r == 0
 
 
 class GraphAttention:

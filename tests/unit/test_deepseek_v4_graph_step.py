@@ -236,3 +236,37 @@ def test_long_key_blocks_are_summed_in_pieces_like_one_product(keys):
     p, k = torch.randn(2, 5, keys, generator=g), torch.randn(2, keys, 6, generator=g)
     torch.testing.assert_close(_weighted_sum(p, k, piece=4), torch.bmm(p, k))
     torch.testing.assert_close(_weighted_sum(p[:1], k[:1], piece=4), torch.bmm(p[:1], k[:1]))
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pool_kernel_matches_the_compressor(overlap, dtype):
+    """One launch of the window pooling vs the torch form: rows that close (their previous-
+    window halves replaced) and rows that do not, one row with no previous window (-inf gate);
+    a dim that is not a multiple of the block."""
+    from flashmemory.kernels.dsv4_fused import pool_window, pool_window_ref
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernel runs on a GPU or under TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(5)
+    b, r, dim = 3, 4, 80
+    width = 2 * dim if overlap else dim
+    kv = torch.randn(b, r, width, generator=g).to(dtype).to(dev)
+    gate = torch.randn(b, r, width, generator=g).to(dtype).to(dev)
+    ape = torch.randn(r, width, generator=g).to(dev)
+    positions = torch.tensor([7, 9, 11], device=dev)  # rows 0 and 2 close a 4-token window
+    prev = [None, None]
+    if overlap:
+        prev = [torch.randn(b, r, dim, generator=g).to(dtype).to(dev),
+                torch.randn(b, r, dim, generator=g).to(dev)]
+        prev[1][2] = float("-inf")
+    mine = [t.clone() if t is not None else None for t in prev]
+    got = pool_window(kv, gate, ape, *mine, positions, block_d=32)
+    want = pool_window_ref(kv, gate, ape, *prev, positions)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    if overlap:
+        torch.testing.assert_close(mine[0], prev[0])
+        torch.testing.assert_close(mine[1], prev[1])
+        torch.testing.assert_close(mine[0][0], kv[0, :, :dim])  # a closing row took its halves
