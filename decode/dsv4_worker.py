@@ -16,13 +16,13 @@ from typing import Any
 import torch
 
 from flashmemory.cluster.messages import DecodeTask, DSV4State
-from flashmemory.cluster.metrics import process_rss
 from flashmemory.decode.loop import Sequence, emit
 from flashmemory.decode.worker import DecodeWorker
 from flashmemory.dsv4_engine import (
     _output,
     check_lsa,
     decoder_config,
+    eos_ids,
     is_latent,
     load_tower,
     page_selector,
@@ -171,7 +171,7 @@ class DSV4DecodeWorker(DecodeWorker):
         self.model = load_deepseek_v4(src.path, e.torch_dtype, e.device)
         self.tokenizer = load_tokenizer(src)
         mc = self.model.config
-        self.eos_ids = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
+        self.eos_ids = eos_ids(mc, self.tokenizer)
         self.max_model_len = e.max_model_len or mc.max_position_embeddings
         self.csa = csa_layers(self.model)
         self.layout = PageLayout.of(mc, self.model.dtype, CSA_PAGE_ENTRIES)
@@ -185,13 +185,12 @@ class DSV4DecodeWorker(DecodeWorker):
         """CSA page bytes per prompt token (what the admission estimate multiplies)."""
         return -(-self.layout.page_bytes // self.page_tokens)
 
-    async def stats(self) -> dict[str, Any]:
+    def _page_stats(self) -> dict[str, int]:
+        """Resident CSA pages over every request's decoder (no shared pool: no pages_total)."""
         decs = list(self.loop.decoders.values())
         pages = sum(len(resident_pages(d.cache, d.cfg.page_entries)) for d in decs)
-        return {"active": len(self.loop.active), "pages_in_use": pages,
-                "page_bytes": self.layout.page_bytes, "bytes_received": self.bytes_received,
-                "tables": len(decs), "indexer_fallbacks": self.fallbacks,
-                "rss_bytes": process_rss(), **self.placement}
+        return {"pages_in_use": pages, "page_bytes": self.layout.page_bytes,
+                "tables": len(decs)}
 
     def _gauges(self) -> None:
         m = self.metrics

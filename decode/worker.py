@@ -110,11 +110,14 @@ class DecodeWorker:
         self._inbox.put(("cancel", request_id))
 
     async def stats(self) -> dict[str, Any]:
-        return {"active": len(self.loop.active), "pages_in_use": self.pool.pages_in_use(),
-                "page_bytes": self.pool.page_bytes, "bytes_received": self.bytes_received,
-                "pages_total": self.pool.num_pages, "tables": len(self.pool.tables),
-                "indexer_fallbacks": self.fallbacks, "rss_bytes": process_rss(),
-                **self.placement}
+        return {"active": len(self.loop.active), **self._page_stats(),
+                "bytes_received": self.bytes_received, "indexer_fallbacks": self.fallbacks,
+                "rss_bytes": process_rss(), **self.placement}
+
+    def _page_stats(self) -> dict[str, int]:
+        """Resident pages: in use, bytes each, pool size, per-request tables."""
+        return {"pages_in_use": self.pool.pages_in_use(), "page_bytes": self.pool.page_bytes,
+                "pages_total": self.pool.num_pages, "tables": len(self.pool.tables)}
 
     # -- decode thread --------------------------------------------------------------------------
     def _run(self) -> None:

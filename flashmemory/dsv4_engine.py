@@ -167,7 +167,7 @@ class DSV4LLM(Engine):
         self.model = load_deepseek_v4(self.source.path, config.torch_dtype, config.device)
         self.tokenizer = load_tokenizer(self.source)
         mc = self.model.config
-        self.eos_ids = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
+        self.eos_ids = eos_ids(mc, self.tokenizer)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.store = PageStore(mc, self.model.dtype)  # host side: every prefilled CSA page
         self.page_tokens = page_tokens(mc, self.store.page_entries)
@@ -293,6 +293,11 @@ class DSV4LLM(Engine):
     def _decoder_config(self, lsa: LSAConfig, request: str) -> DSV4LSAConfig:
         return decoder_config(lsa, self.store.num_closed(request), self.page_tokens,
                               self.store.page_entries)
+
+
+def eos_ids(mc: DeepseekV4Config, tokenizer: Any) -> set[int]:
+    """Ids that end a DS-V4 generation: the config's and the tokenizer's."""
+    return set(mc.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
 
 
 def load_tower(name: str, mc: DeepseekV4Config, device: str) -> LatentTower:
