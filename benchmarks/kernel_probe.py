@@ -1,10 +1,11 @@
 """Launch-configuration sweep of the LSA kernel at small batches, where it is latency-bound
-(issue 4 notes): the default with and without programmatic dependent launch, next to a streaming
-read of the same bytes (what one kernel reading them can reach) and, with --sweep, splits x
-pipeline stages x block size x warps; 8 calls per CUDA-graph replay, each call on its own input
-set. Prints one line per case.
+(issue 4 notes): the default, and the default without programmatic dependent launch, without the
+page-index prefetch and without the early next launch, next to a streaming read of the same
+bytes (what one kernel reading them can reach); with --sweep, splits x pipeline stages x
+prefetch. 8 calls per CUDA-graph replay, each call on its own input set. Prints one line per
+case.
 
-Usage (GPU): python benchmarks/kernel_probe.py [--sweep]   (default: PDL on vs off only)
+Usage (GPU): python benchmarks/kernel_probe.py [--sweep]
 """
 
 from __future__ import annotations
