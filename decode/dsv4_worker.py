@@ -87,21 +87,9 @@ class RemoteTextScores:
         self.worker = worker
 
     def scores(self, req: SelectionRequest) -> torch.Tensor:
-        import ray
-        from ray.exceptions import RayError
-
         w = self.worker
-        try:
-            s = ray.get(w.indexer.scores.remote(req), timeout=w.cfg.indexer_timeout_s)
-        except RayError as e:  # includes GetTimeoutError
-            logger.warning("indexer did not score %s (%s): recency", req.request_id,
-                           type(e).__name__)
-            s, reason = None, "indexer_unavailable"
-        else:
-            reason = "no_embeddings"
+        s = w.ask_indexer(w.indexer.scores.remote(req), f"score {req.request_id}", "recency")
         if s is None:
-            w.fallbacks += 1
-            w.metrics.inc("flashmemory_indexer_fallbacks_total", reason=reason)
             return torch.tensor(req.candidates, dtype=torch.float32)
         return s
 

@@ -195,24 +195,31 @@ class DecodeWorker:
         if q is not None and self._aio is not None:
             self._aio.call_soon_threadsafe(q.put_nowait, ev)
 
+    def ask_indexer(self, ref: Any, what: str, fallback: str) -> Any:
+        """The result of an indexer call; None when the indexer cannot answer in time (dead,
+        restarting) or has nothing for the request (it returned None), counted as a fallback
+        with its reason."""
+        import ray
+
+        try:
+            out = ray.get(ref, timeout=self.cfg.indexer_timeout_s)
+            reason = "no_embeddings"
+        except RayError as e:  # includes GetTimeoutError
+            logger.warning("indexer did not %s (%s): %s", what, type(e).__name__, fallback)
+            out, reason = None, "indexer_unavailable"
+        if out is None:
+            self.fallbacks += 1
+            self.metrics.inc("flashmemory_indexer_fallbacks_total", reason=reason)
+        return out
+
     def _select(self, s: Sequence, state: ResidencyState) -> tuple[set[int], int]:
         """The indexer's plan; when the indexer cannot answer in time (dead, restarting) or
         holds no embeddings for the request, keep the resident chunks plus sinks and tail
         (at admission: recency + sinks), counted as a fallback."""
-        import ray
-
         t0 = time.perf_counter()
-        try:
-            planned = ray.get(self.indexer.plan.remote(s.store_id, s.lsa, state),
-                              timeout=self.cfg.indexer_timeout_s)
-            reason = "no_embeddings"
-        except RayError as e:  # includes GetTimeoutError
-            logger.warning("indexer did not plan %s (%s): keeping its resident chunks",
-                           s.rid, type(e).__name__)
-            planned, reason = None, "indexer_unavailable"
+        planned = self.ask_indexer(self.indexer.plan.remote(s.store_id, s.lsa, state),
+                                   f"plan {s.rid}", "keeping its resident chunks")
         if planned is None:
-            self.fallbacks += 1
-            self.metrics.inc("flashmemory_indexer_fallbacks_total", reason=reason)
             planned = self._keep_resident(s, state)
         target, chosen = planned
         self.metrics.observe("flashmemory_selection_seconds", time.perf_counter() - t0)
