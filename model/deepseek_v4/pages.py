@@ -117,10 +117,8 @@ class PageStore:
             raise ValueError(f"page_entries must be >= 1, got {page_entries}")
         self.layers = [i for i, kind in enumerate(cfg.layer_types) if kind == CSA]
         self.page_entries, self.dtype = page_entries, dtype
-        elt = torch.empty(0, dtype=dtype).element_size()
-        entry = len(self.layers) * (cfg.head_dim + cfg.index_head_dim) * elt + 8  # + position
-        self.page_bytes = page_entries * entry  # bytes of one page in a payload
         self.layout = PageLayout.of(cfg, dtype, page_entries)
+        self.page_bytes = self.layout.page_bytes  # bytes of one page in a payload
         self._requests: dict[str, _Request] = {}
 
     def add(self, request: str, cache: DSV4Cache) -> int:
