@@ -22,7 +22,8 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
 
     c = steps.add_parser("build-corpus", help="write a corpus Parquet (synthetic and/or text)")
     c.add_argument("--out", type=Path, required=True)
-    c.add_argument("--families", type=csv, default=["retrieve", "aggregate", "multihop"])
+    c.add_argument("--families", type=csv, default=["retrieve", "aggregate", "multihop"],
+                   help="retrieve, aggregate, vartrack (train) or multihop (eval)")
     c.add_argument("--per-family", type=int, default=100)
     c.add_argument("--chars", type=int, default=12000, help="characters per document")
     c.add_argument("--text-dir", type=Path, help="real text: .html/.txt files (e.g. python3-doc)")

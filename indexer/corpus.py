@@ -3,7 +3,7 @@
 Used by ``flashmemory indexer build-corpus`` and read by the label dump (``indexer.labels``).
 Schema (one row per document; all strings):
   doc_id    unique id
-  family    task family (``retrieve``, ``aggregate``, ``multihop``, ``text``)
+  family    task family (``retrieve``, ``aggregate``, ``vartrack``, ``multihop``, ``text``)
   split     ``train`` or ``eval``: training and evaluation families are disjoint (FAMILY_SPLIT)
   context   the long document
   question  what the model is asked after the document
@@ -19,11 +19,13 @@ import random
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
 
 from flashmemory.evaluation.niah import _LEXICON, prose_sentences
 
-FAMILY_SPLIT = {"retrieve": "train", "aggregate": "train", "text": "train", "multihop": "eval"}
+FAMILY_SPLIT = {"retrieve": "train", "aggregate": "train", "vartrack": "train", "text": "train",
+                "multihop": "eval"}
 COLUMNS = ("doc_id", "family", "split", "context", "question", "answer")
 _CITIES = ("Lisbon", "Oslo", "Quito", "Nairobi", "Hanoi", "Tbilisi", "Perth", "Montreal",
            "Cusco", "Bergen", "Dakar", "Kyoto", "Tallinn", "Porto", "Accra", "Lima")
@@ -95,7 +97,28 @@ def _multihop(rng: random.Random, chars: int) -> tuple[str, str, str]:
             f"In which city does the person whose team lead is {boss} live?", city)
 
 
-_BUILDERS = {"retrieve": _retrieve, "aggregate": _aggregate, "multihop": _multihop}
+def _vartrack(rng: random.Random, chars: int) -> tuple[str, str, str]:
+    """Variable tracking (as in RULER): two chains of assignments, each from a number through
+    four variables; asks for every variable that holds the first chain's number."""
+    names: set[str] = set()
+    while len(names) < 8:
+        names.add("".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(5)))
+    order = rng.sample(sorted(names), 8)
+    a, b = order[:4], order[4:]
+    values = rng.sample(range(10_000, 99_999), 2)
+    steps = [([f"VAR {c[0]} = {v}."] + [f"VAR {y} = VAR {x}." for x, y in pairwise(c)])
+             for c, v in ((a, values[0]), (b, values[1]))]
+    facts = [f for pair in zip(*steps, strict=True) for f in pair]  # both chains, in order
+    sents = prose_sentences(rng, max(8, chars // 70))
+    spots = sorted(rng.randint(0, len(sents)) for _ in facts)
+    for spot, fact in sorted(zip(spots, facts, strict=True), reverse=True):
+        sents.insert(spot, fact)  # back to front, so every assignment follows the one it copies
+    return (" ".join(sents), f"Which variables are assigned the value {values[0]}?",
+            "; ".join(a))
+
+
+_BUILDERS = {"retrieve": _retrieve, "aggregate": _aggregate, "vartrack": _vartrack,
+             "multihop": _multihop}
 
 
 def synthetic(families: list[str], per_family: int, chars: int, seed: int) -> Iterator[Document]:

@@ -73,6 +73,15 @@ def score_row(row: dict[str, Any], scores: torch.Tensor,
     return _measure(row, order[:k], mass)
 
 
+def against_oracle(rows: list[dict[str, Any]], scores: list[torch.Tensor],
+                   budget: float) -> tuple[float, float]:
+    """(mean mass recall %, its share of the oracle's %) of ``scores`` (one per row) at
+    ``budget``; rows without candidates or mass must be left out beforehand."""
+    got = sum(score_row(r, s, budget).mass_recall for r, s in zip(rows, scores, strict=True))
+    best = sum(score_row(r, oracle_scorer(r), budget).mass_recall for r in rows)
+    return 100 * got / len(rows), 100 * got / best
+
+
 def oracle_scorer(row: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(row["mass"])
 

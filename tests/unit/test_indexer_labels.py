@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
 from flashmemory.engine import Trace
 from flashmemory.indexer import corpus
-from flashmemory.indexer.evaluate import evaluate, oracle_scorer, recency_scorer, score_row
+from flashmemory.indexer.evaluate import (
+    against_oracle,
+    evaluate,
+    oracle_scorer,
+    recency_scorer,
+    score_row,
+)
 from flashmemory.indexer.labels import DumpConfig, label_rows, top_p_positives
 from flashmemory.indexer.train import TrainConfig, chunk_view, triples
 from flashmemory.types import RequestOutput
@@ -28,6 +36,19 @@ def test_synthetic_corpus_is_seeded_split_by_family_and_round_trips(tmp_path):
     assert [d.family for d in corpus.read_corpus(path, "eval")] == ["multihop"] * 3
     with pytest.raises(ValueError, match="unknown synthetic family"):
         list(corpus.synthetic(["poetry"], 1, 100, 0))
+
+
+def test_vartrack_chains_are_in_order_and_the_answer_is_the_first_chain():
+    for d in corpus.synthetic(["vartrack"], 5, 3000, seed=2):
+        assert d.split == "train"
+        value = d.question.split()[-1].rstrip("?")
+        names = d.answer.split("; ")
+        assert len(names) == 4 and f"VAR {names[0]} = {value}." in d.context
+        # each assignment comes after the one it copies, so the chain reads front to back
+        at = [d.context.index(f"VAR {names[0]} = {value}.")]
+        at += [d.context.index(f"VAR {b} = VAR {a}.") for a, b in pairwise(names)]
+        assert at == sorted(at)
+        assert d.context.count(" = VAR ") == 6  # a second, distracting chain of four
 
 
 def test_text_documents_from_html(tmp_path):
@@ -77,6 +98,9 @@ def test_score_row_and_evaluate_from_known_inputs():
     assert by[("oracle", 0.1, "all")]["mass_recall"] == pytest.approx(60.0)
     assert by[("recency", 0.3, "f")]["recall"] == pytest.approx(100.0)  # keeps 5, 4, 3
     assert by[("recency", 0.3, "f")]["precision"] == pytest.approx(200 / 3)
+    # the first scores keep 10% of the mass where the oracle keeps 90%: a ninth of its share
+    got, share = against_oracle([row], [torch.tensor([5.0, 4, 3, 2, 1])], 0.2)
+    assert got == pytest.approx(10.0) and share == pytest.approx(100 / 9)
 
 
 def test_triples_use_low_mass_chunks_of_the_same_document_as_hard_negatives():
