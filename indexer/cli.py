@@ -131,6 +131,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _dump(args: argparse.Namespace) -> int:
+    from flashmemory.config import LSAConfig
     from flashmemory.engine import LLM
     from flashmemory.indexer import corpus, labels
 
@@ -139,7 +140,10 @@ def _dump(args: argparse.Namespace) -> int:
                             chunk_size=args.chunk_size, sink_chunks=args.sink_chunks,
                             recent_tokens=args.recent_tokens,
                             max_prompt_tokens=args.max_prompt_tokens)
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+    # the dump decodes with full attention: the engine needs no indexer (the zero-shot MiniLM
+    # would otherwise be loaded, and required, for nothing)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, attention=args.attention,
+              lsa=LSAConfig(mode="full"))
     n = labels.dump(llm, docs, args.out, cfg)
     print(f"wrote {n} label rows to {args.out}")
     return 0
