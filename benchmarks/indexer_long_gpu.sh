@@ -28,8 +28,8 @@ fm indexer build-corpus --out "$w/heldout.parquet" --families multihop --per-fam
 for c in heldout train; do
   echo "=== dump $c $(date -u +%H:%M:%S)"
   timeout "${DUMP_S:-150}" python3 -m flashmemory indexer dump --corpus "$w/$c.parquet" \
-    --out "$w/labels" --steps 64 --max-prompt-tokens 8000 --model "$gguf" \
-    --indexer "$SRC/minilm" --device cuda 2>&1 | tr '\r' '\n' | grep -v '^dump: ' | tail -3
+    --out "$w/labels" --steps 64 --max-prompt-tokens 8000 --model "$gguf" --device cuda 2>&1 \
+    | tr '\r' '\n' | grep -v '^dump: ' | tail -3
 done
 echo "=== train $(date -u +%H:%M:%S)"
 fm indexer train --labels "$w/labels" --out "$w/kl$epochs" --base "$SRC/minilm" --device cuda \
