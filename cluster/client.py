@@ -34,11 +34,30 @@ class ClusterClient:
 
     async def stream(self, prompt: Prompt, sampling: SamplingParams, lsa: LSAConfig | None = None,
                      request_id: str | None = None) -> AsyncIterator[TokenEvent]:
-        """Token events; the final one carries stats (TTFT / TPOT / E2E measured here)."""
+        """Token events; the final one carries stats (TTFT / TPOT / E2E measured here).
+
+        The request's resources are freed before the final event is yielded (and on any early
+        exit), so a consumer that stops reading after it cannot hold them."""
         h, lsa = self.h, lsa or self.h.cfg.engine.lsa
         rid = request_id or f"req-{next(self._ids)}-{time.time_ns()}"
         prefill = decode = None
         index, final, t = -1, None, _Timer(self.metrics)
+        ended = False
+
+        def end() -> None:  # once: free the request everywhere it has state
+            nonlocal ended
+            if ended:
+                return
+            ended = True
+            if decode is None:
+                self._waiting(-1)
+            elif final is None or final.finish_reason == "error":
+                decode.cancel.remote(rid)  # client went away or failed: free the decode pages
+            if prefill is not None:
+                prefill.free.remote(rid)
+            h.indexer.forget.remote(rid)
+            self._account(prompt, final)
+
         self._waiting(+1)
         stage = "prefill"
         try:
@@ -56,6 +75,7 @@ class ClusterClient:
                 t.token()
                 if ev.finish_reason is not None:
                     final = ev = replace(ev, stats=t.finish(ev.stats))
+                    end()
                 yield ev
                 if final is not None:
                     return
@@ -64,16 +84,10 @@ class ClusterClient:
                 h.indexer.report_down.remote(index)
             final = TokenEvent(rid, "", finish_reason="error",
                                error=f"{stage} failed: {_first_line(e)}")
+            end()
             yield final
         finally:
-            if decode is None:
-                self._waiting(-1)
-            elif final is None or final.finish_reason == "error":
-                decode.cancel.remote(rid)  # client went away or failed: free the decode pages
-            if prefill is not None:
-                prefill.free.remote(rid)
-            h.indexer.forget.remote(rid)
-            self._account(prompt, final)
+            end()
 
     async def _prefill(self, task: PrefillTask) -> tuple[Any, Any]:
         """Prefill on the next worker (round robin); a call refused because that worker is

@@ -15,6 +15,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
@@ -64,6 +65,24 @@ def _error_response(e: BadRequest) -> JSONResponse:
 def _overloaded_response(e: Overloaded) -> JSONResponse:
     return JSONResponse(error_body(str(e), "overloaded_error", code="kv_capacity_exceeded"),
                         429, headers={"Retry-After": str(e.retry_after_s)})
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body generator however the response ends.
+
+    When the client hangs up, Starlette cancels the task sending the body. If that lands while a
+    chunk is being sent rather than inside the generator, the generator stays suspended at its
+    ``yield`` until garbage collection: the request's admitted KV, its decode pages, prefill
+    chunks and indexer state would stay held until then. Closing it runs its ``finally`` blocks
+    now."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 class _Admitted:
@@ -141,14 +160,15 @@ class OpenAIIngress:
             return _overloaded_response(e)
         held = _Admitted(self.admission, need)
         if req.stream:
-            return StreamingResponse(self._sse(rid, prompt, sp, lsa, chat, held),
+            return ClosingStreamingResponse(self._sse(rid, prompt, sp, lsa, chat, held),
                                      media_type="text/event-stream",
                                      background=BackgroundTask(held.release))
         text, final = "", None
         try:
-            async for ev in self.client.stream(prompt, sp, lsa, rid):
-                text += ev.text_delta
-                final = ev
+            async with aclosing(self.client.stream(prompt, sp, lsa, rid)) as events:
+                async for ev in events:
+                    text += ev.text_delta
+                    final = ev
         finally:
             held.release()
         if final is None or final.finish_reason == "error":
@@ -166,8 +186,9 @@ class OpenAIIngress:
     async def _sse(self, rid: str, prompt: Prompt, sp: SamplingParams, lsa: Any,
                    chat: bool, held: _Admitted) -> AsyncIterator[str]:
         try:
-            async for text in self._sse_events(rid, prompt, sp, lsa, chat):
-                yield text
+            async with aclosing(self._sse_events(rid, prompt, sp, lsa, chat)) as events:
+                async for text in events:
+                    yield text
         finally:
             held.release()
 
@@ -175,24 +196,25 @@ class OpenAIIngress:
                           chat: bool) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         first = True
-        async for ev in self.client.stream(prompt, sp, lsa, rid):
-            if ev.finish_reason == "error":
-                yield sse_event(error_body(f"request failed: {ev.error}", "server_error"))
-                break
-            if chat:
-                delta: dict[str, Any] = {"content": ev.text_delta}
-                if first:
-                    delta["role"] = "assistant"
-                choice: dict[str, Any] = {"index": 0, "delta": delta,
-                                          "finish_reason": ev.finish_reason}
-            else:
-                choice = {"index": 0, "text": ev.text_delta, "finish_reason": ev.finish_reason}
-            chunk: dict[str, Any] = {"id": rid, "object": obj, "created": now(),
-                                     "model": self.served_name, "choices": [choice]}
-            if ev.stats is not None:
-                chunk["usage"] = usage(ev.stats)
-            first = False
-            yield sse_event(chunk)
+        async with aclosing(self.client.stream(prompt, sp, lsa, rid)) as events:
+            async for ev in events:
+                if ev.finish_reason == "error":
+                    yield sse_event(error_body(f"request failed: {ev.error}", "server_error"))
+                    break
+                if chat:
+                    delta: dict[str, Any] = {"content": ev.text_delta}
+                    if first:
+                        delta["role"] = "assistant"
+                    choice: dict[str, Any] = {"index": 0, "delta": delta,
+                                              "finish_reason": ev.finish_reason}
+                else:
+                    choice = {"index": 0, "text": ev.text_delta, "finish_reason": ev.finish_reason}
+                chunk: dict[str, Any] = {"id": rid, "object": obj, "created": now(),
+                                         "model": self.served_name, "choices": [choice]}
+                if ev.stats is not None:
+                    chunk["usage"] = usage(ev.stats)
+                first = False
+                yield sse_event(chunk)
         yield "data: [DONE]\n\n"
 
     def _authorize(self, request: Request) -> None:

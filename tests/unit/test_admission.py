@@ -58,3 +58,43 @@ def test_bounded_wait_full_queue_and_oversized_requests_are_refused() -> None:
         assert adm.admitted == 1
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("closing", [True, False])
+def test_streaming_response_frees_the_request_when_the_client_hangs_up(closing: bool) -> None:
+    """The client disconnects while a chunk is being sent (Starlette then cancels the sender
+    there, outside the body generator): the ingress's response still closes the generator at
+    once, so its ``finally`` (admission release, cluster cleanup) runs; Starlette's own does not
+    (the generator stays suspended until garbage collection)."""
+    from starlette.responses import StreamingResponse
+
+    from flashmemory.cluster.serve_app import ClosingStreamingResponse
+
+    freed: list[bool] = []
+
+    async def body():
+        try:
+            while True:
+                yield "data: x\n\n"
+        finally:
+            freed.append(True)
+
+    async def run() -> None:
+        sent = asyncio.Event()
+
+        async def receive() -> dict:
+            await sent.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                sent.set()
+                await asyncio.sleep(0.05)  # a slow socket: the cancel lands here
+
+        gen = body()  # held here, so only an explicit close can run its finally
+        cls = ClosingStreamingResponse if closing else StreamingResponse
+        await cls(gen, media_type="text/event-stream")({"type": "http"}, receive, send)
+        assert freed == ([True] if closing else [])
+        await gen.aclose()
+
+    asyncio.run(run())
