@@ -95,11 +95,15 @@ def _modes(value: str) -> tuple[str, ...]:
 
 
 # -- parser -------------------------------------------------------------------------------------
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, selection: bool = True) -> None:
+    """Engine and LSA flags; ``selection=False`` leaves out those that only matter when chunks
+    are selected (the label dumps decode with full attention)."""
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="alias, HF checkpoint directory or .gguf file (default: %(default)s)")
-    g.add_argument("--indexer", default="minilm", help="minilm or a sentence-transformers dir")
+    if selection:
+        g.add_argument("--indexer", default="minilm",
+                       help="minilm or a sentence-transformers dir")
     g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     g.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     g.add_argument("--attention", choices=ATTENTIONS, default="auto",
@@ -107,16 +111,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run GPU decode steps eagerly")
     g = p.add_argument_group("LSA")
-    g.add_argument("--budget", type=float, default=0.1, help="fraction of prompt chunks kept")
-    g.add_argument("--budget-tokens", type=int, help="token budget (overrides --budget)")
-    g.add_argument("--threshold", type=float,
-                   help="adaptive budget: keep chunks scoring >= this, --budget is the ceiling")
-    g.add_argument("--min-budget", type=float, default=0.0,
-                   help="with --threshold: fraction of prompt chunks kept at least (the floor)")
+    if selection:
+        g.add_argument("--budget", type=float, default=0.1,
+                       help="fraction of prompt chunks kept")
+        g.add_argument("--budget-tokens", type=int, help="token budget (overrides --budget)")
+        g.add_argument("--threshold", type=float,
+                       help="adaptive budget: keep chunks scoring >= this, --budget is the "
+                            "ceiling")
+        g.add_argument("--min-budget", type=float, default=0.0,
+                       help="with --threshold: fraction of prompt chunks kept at least "
+                            "(the floor)")
     g.add_argument("--chunk-size", type=int, default=64)
     g.add_argument("--recent-tokens", type=int, default=128)
     g.add_argument("--sink-chunks", type=int, default=1)
-    g.add_argument("--repredict-every", type=int, default=64)
+    if selection:
+        g.add_argument("--repredict-every", type=int, default=64)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 

@@ -17,7 +17,7 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
     """Register ``indexer``; ``csv`` parses lists, ``common`` adds the engine flags."""
     p = sub.add_parser("indexer", help="build corpora, dump labels, train and evaluate indexers")
     steps = p.add_subparsers(dest="step", required=True,
-                             metavar="{build-corpus,dump,train,evaluate,latent-dump,"
+                             metavar="{build-corpus,dump,train,fit-head,evaluate,latent-dump,"
                                      "latent-train,latent-evaluate}")
 
     c = steps.add_parser("build-corpus", help="write a corpus Parquet (synthetic and/or text)")
@@ -39,7 +39,7 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
     d.add_argument("--window", type=int, default=64)
     d.add_argument("--top-p", type=float, default=0.8)
     d.add_argument("--max-prompt-tokens", type=int, default=4096)
-    common(d)
+    common(d, selection=False)  # the dump decodes with full attention
 
     t = steps.add_parser("train", help="fine-tune the dual encoder on a label dump")
     t.add_argument("--labels", type=Path, required=True)
@@ -63,6 +63,17 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
                    help="kl: softmax temperature over cosine scores")
     t.add_argument("--device", default=None)
 
+    h = steps.add_parser("fit-head", help="fit a position-aware score head over an indexer")
+    h.add_argument("--labels", type=Path, required=True)
+    h.add_argument("--indexer", default="minilm", help="minilm or a sentence-transformers dir")
+    h.add_argument("--out", type=Path, required=True,
+                   help="new indexer directory: the encoder, the head, metadata")
+    h.add_argument("--hidden", type=int, default=0, help="0: linear head; else MLP width")
+    h.add_argument("--steps", type=int, default=400)
+    h.add_argument("--exclude", type=Path,
+                   help="label dump the encoder was trained on (its documents are left out)")
+    h.add_argument("--device", default="cpu")
+
     e = steps.add_parser("evaluate", help="selection recall of indexers against a label dump")
     e.add_argument("--labels", type=Path, required=True)
     e.add_argument("--indexers", type=csv, default=["minilm"],
@@ -84,7 +95,7 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
     ld.add_argument("--min-layers", type=int, default=3)
     ld.add_argument("--layers", type=csv, help="CSA layers to dump (default: all)")
     ld.add_argument("--max-prompt-tokens", type=int, default=65536)
-    common(ld)
+    common(ld, selection=False)
 
     lt = steps.add_parser("latent-train", help="train the latent indexer from a latent dump")
     lt.add_argument("--dump", type=Path, required=True)
@@ -104,7 +115,7 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
                     help="KMAX = ceil(budget x pages)")
     le.add_argument("--threshold", type=float, default=0.5, help="sigmoid score to keep a page")
     le.add_argument("--json", type=Path, help="also write the result rows here")
-    for q in (c, t, e, lt, le):
+    for q in (c, t, h, e, lt, le):
         q.add_argument("-v", "--verbose", action="store_true")
         q.add_argument("--debug", action="store_true")
     p.set_defaults(func=run)
@@ -112,7 +123,8 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    return {"build-corpus": _build, "dump": _dump, "train": _train, "evaluate": _evaluate,
+    return {"build-corpus": _build, "dump": _dump, "train": _train, "fit-head": _fit_head,
+            "evaluate": _evaluate,
             "latent-dump": _latent_dump, "latent-train": _latent_train,
             "latent-evaluate": _latent_evaluate}[args.step](args)
 
@@ -159,6 +171,17 @@ def _train(args: argparse.Namespace) -> int:
                       groupings=args.groupings,
                       temperature=args.temperature)
     meta = train(args.labels, args.out, cfg, args.device)
+    print(json.dumps(meta, indent=1))
+    return 0
+
+
+def _fit_head(args: argparse.Namespace) -> int:
+    from flashmemory.indexer.head import fit_from_labels
+
+    if args.hidden < 0 or args.steps < 1:
+        raise ValueError("--hidden must be >= 0 and --steps >= 1")
+    meta = fit_from_labels(args.labels, args.indexer, args.out, args.hidden, args.steps,
+                           args.exclude, device=args.device)
     print(json.dumps(meta, indent=1))
     return 0
 

@@ -107,7 +107,8 @@ def random_scorer(seed: int = 0) -> Scorer:
 
 
 def neural_scorer(name: str, device: str = "cpu") -> Scorer:
-    """Scores of a sentence-transformers indexer, computed as in serving (windows, overlap)."""
+    """Scores of a sentence-transformers indexer, computed as in serving (windows, overlap, the
+    checkpoint's head if it has one)."""
     from flashmemory.indexer.neural import NeuralIndexer
 
     idx = NeuralIndexer(name, device=device)
@@ -116,7 +117,8 @@ def neural_scorer(name: str, device: str = "cpu") -> Scorer:
         key = f"{row['doc_id']}/{row['window']}"
         idx.add_request(key, row["chunk_texts"])
         try:
-            return idx.chunk_scores(key, row["query"])[torch.tensor(row["candidates"])]
+            return idx.candidate_scores(key, row["query"], row["candidates"],
+                                        len(row["chunk_texts"]))
         finally:
             idx.forget(key)
 

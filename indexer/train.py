@@ -188,10 +188,17 @@ def calibrate(model: Any, rows: list[dict[str, Any]], cfg: TrainConfig) -> tuple
         sims = (emb[1:] @ emb[0]).tolist()
         for c, s in zip(r["candidates"], sims, strict=True):
             (pos_s if c in pos else neg_s).append(s)
+    return threshold_at_recall(pos_s, neg_s, cfg.target_recall)
+
+
+def threshold_at_recall(pos_s: list[float], neg_s: list[float],
+                        target_recall: float) -> tuple[float, float]:
+    """The highest score threshold keeping ``target_recall`` of the positive scores, and the
+    share of the negative scores it also keeps."""
     if not pos_s:
         return 0.0, 1.0
-    pos_s.sort(reverse=True)
-    t = pos_s[min(len(pos_s) - 1, int(cfg.target_recall * len(pos_s) + 0.999) - 1)]
+    pos_s = sorted(pos_s, reverse=True)
+    t = pos_s[min(len(pos_s) - 1, int(target_recall * len(pos_s) + 0.999) - 1)]
     kept = sum(s >= t for s in neg_s) / max(1, len(neg_s))
     return float(t), float(kept)
 

@@ -11,6 +11,7 @@ import pytest
 
 from flashmemory.indexer import corpus
 from flashmemory.indexer.evaluate import evaluate, neural_scorer
+from flashmemory.indexer.head import fit_from_labels
 from flashmemory.indexer.labels import DumpConfig, done_doc_ids, dump
 from flashmemory.indexer.train import TrainConfig, read_labels, read_meta, train
 
@@ -102,3 +103,38 @@ def test_mass_groups_cover_each_row_and_keep_their_masses():
     assert len(twice) == 2 * len(ex)  # a second, independent shuffle of every row
     with pytest.raises(ValueError, match="loss"):
         TrainConfig(loss="hinge")
+
+
+def _position_rows(n: int, seed: int) -> list[dict]:
+    """The attention mass sits on the second-to-last candidate; the texts say nothing of it."""
+    rng = random.Random(seed)
+    words = ["amber", "basalt", "cedar", "delta", "ember", "fjord", "garnet", "harbor"]
+    rows = []
+    for i in range(n):
+        k = rng.randint(10, 16)
+        texts = [" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(k + 2)]
+        cands = list(range(1, k + 1))
+        rows.append(dict(doc_id=f"pos-{seed}-{i}", family="pos", split="train", window=0,
+                         step_start=0, query="Which harbor was named first?", chunk_texts=texts,
+                         candidates=cands, mass=[5.0 if c == k - 1 else 0.1 for c in cands],
+                         positives=[k - 1], answer="", output=""))
+    return rows
+
+
+def test_fit_head_adds_what_the_text_score_lacks_and_serves_through_it(tmp_path):
+    from flashmemory.indexer.neural import NeuralIndexer
+
+    pq.write_table(pa.Table.from_pylist(_position_rows(40, 0)), tmp_path / "pos.parquet")
+    held_out = _position_rows(12, 1)
+    out = tmp_path / "with-head"
+    meta = fit_from_labels(tmp_path / "pos.parquet", "minilm", out, steps=200)
+    assert meta["head"]["fit_rows"] == 36 and meta["head"]["calibration_rows"] == 4
+    assert meta["head"]["loss_curve"][-1] < meta["head"]["loss_curve"][0]
+    idx = NeuralIndexer(str(out))
+    assert idx.head is not None and idx.threshold == pytest.approx(meta["threshold"])
+    res = evaluate(held_out, {"minilm": neural_scorer("minilm"), "head": neural_scorer(str(out))},
+                   (0.05,))
+    recall = {r["selector"]: r["recall"] for r in res if r["family"] == "all"}
+    assert recall["minilm"] < 40 and recall["head"] == 100, recall
+    with pytest.raises(ValueError, match="not empty"):
+        fit_from_labels(tmp_path / "pos.parquet", "minilm", out)
