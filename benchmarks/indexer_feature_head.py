@@ -59,7 +59,7 @@ def main() -> None:
     for name, hidden in (("linear head on the features", 0), ("MLP head (32)", 32)):
         head, _ = fit_head(f_train, masses, hidden)
         with torch.no_grad():
-            print(line(name, test, [head(f)[:, 0] for f in f_test]))
+            print(line(name, test, [head(f) for f in f_test]))
 
 
 if __name__ == "__main__":
