@@ -458,4 +458,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main: subcommands raise ``flashmemory.cli.UsageError``, which
+    # would be another class than this ``__main__`` module's own
+    from flashmemory.cli import main as _main
+
+    sys.exit(_main())

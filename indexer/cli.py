@@ -176,10 +176,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _fit_head(args: argparse.Namespace) -> int:
+    from flashmemory.cli import UsageError
     from flashmemory.indexer.head import fit_from_labels
 
     if args.hidden < 0 or args.steps < 1:
-        raise ValueError("--hidden must be >= 0 and --steps >= 1")
+        raise UsageError("--hidden must be >= 0 and --steps >= 1")
     meta = fit_from_labels(args.labels, args.indexer, args.out, args.hidden, args.steps,
                            args.exclude, device=args.device)
     print(json.dumps(meta, indent=1))

@@ -52,6 +52,11 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int,
      "unknown RULER task(s) niah_single_9"),
     (["eval", "--out", "o", "--suite", "ruler", "--squad", "nope.json"],
      "--squad nope.json: no such file"),
+    # the label dump decodes with full attention: selection flags would do nothing there
+    (["indexer", "dump", "--corpus", "c.parquet", "--out", "o", "--indexer", "x"],
+     "unrecognized arguments: --indexer x"),
+    (["indexer", "fit-head", "--labels", "nope", "--out", "o", "--hidden", "-1"],
+     "--hidden must be >= 0"),
 ])
 def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], contains: str) -> None:
     _assert_one_line_error(_cli(*args, cwd=tmp_path), 2, contains)
@@ -88,6 +93,11 @@ def test_generate_json(tmp_path: Path) -> None:
     assert 0.0 < timing["prefill_s"] < timing["ttft"]
     assert timing["selection_s"] > 0.0 and timing["transfer_s"] > 0.0
     assert 0.0 < timing["admission_s"] <= timing["selection_s"] + timing["transfer_s"] + 1e-9
+
+
+def test_runtime_input_errors_are_one_line(tmp_path: Path) -> None:
+    _assert_one_line_error(_cli("indexer", "fit-head", "--labels", "nope", "--out", "o",
+                                cwd=tmp_path), 1, "no label dump at nope")
 
 
 def test_main_in_process_errors(capsys: pytest.CaptureFixture[str]) -> None:
