@@ -161,8 +161,8 @@ class OpenAIIngress:
         held = _Admitted(self.admission, need)
         if req.stream:
             return ClosingStreamingResponse(self._sse(rid, prompt, sp, lsa, chat, held),
-                                     media_type="text/event-stream",
-                                     background=BackgroundTask(held.release))
+                                            media_type="text/event-stream",
+                                            background=BackgroundTask(held.release))
         text, final = "", None
         try:
             async with aclosing(self.client.stream(prompt, sp, lsa, rid)) as events:
