@@ -111,12 +111,18 @@ def neural_scorer(name: str, device: str = "cpu") -> Scorer:
     checkpoint's head if it has one)."""
     from flashmemory.indexer.neural import NeuralIndexer
 
-    idx = NeuralIndexer(name, device=device)
+    return indexer_scorer(NeuralIndexer(name, device=device))
+
+
+def indexer_scorer(idx: Any, head: bool = True) -> Scorer:
+    """Scores of a loaded ``NeuralIndexer``; ``head=False``: its text scores alone."""
 
     def score(row: dict[str, Any]) -> torch.Tensor:
         key = f"{row['doc_id']}/{row['window']}"
         idx.add_request(key, row["chunk_texts"])
         try:
+            if not head:
+                return idx.chunk_scores(key, row["query"])[torch.tensor(row["candidates"])]
             return idx.candidate_scores(key, row["query"], row["candidates"],
                                         len(row["chunk_texts"]))
         finally:

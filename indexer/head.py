@@ -130,6 +130,7 @@ def fit_from_labels(labels: Path, indexer: str, out_dir: Path, hidden: int = 0,
     import json
     import shutil
 
+    from flashmemory.indexer.evaluate import indexer_scorer
     from flashmemory.indexer.neural import NeuralIndexer, resolve_indexer
     from flashmemory.indexer.train import (
         FORMAT,
@@ -151,14 +152,7 @@ def fit_from_labels(labels: Path, indexer: str, out_dir: Path, hidden: int = 0,
     held = rows[: max(1, len(rows) // 10)]
     fit_rows = rows[len(held):]
     idx = NeuralIndexer(indexer, device=device)
-
-    def text_scores(r: dict[str, Any]) -> torch.Tensor:
-        key = f"{r['doc_id']}/{r['window']}"
-        idx.add_request(key, r["chunk_texts"])
-        try:
-            return idx.chunk_scores(key, r["query"])[torch.tensor(r["candidates"])]
-        finally:
-            idx.forget(key)
+    text_scores = indexer_scorer(idx, head=False)  # a base checkpoint's own head not applied
 
     def feats(r: dict[str, Any]) -> torch.Tensor:
         return features(torch.tensor(r["candidates"]), len(r["chunk_texts"]), text_scores(r))
