@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
@@ -23,7 +23,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
-from starlette.background import BackgroundTask
 
 from flashmemory.cluster.admission import KVAdmission, Overloaded, estimate_kv_tokens
 from flashmemory.cluster.client import ClusterClient
@@ -68,21 +67,31 @@ def _overloaded_response(e: Overloaded) -> JSONResponse:
 
 
 class ClosingStreamingResponse(StreamingResponse):
-    """A StreamingResponse that closes its body generator however the response ends.
+    """A StreamingResponse that, however the response ends, closes its body generator and then
+    calls ``on_close``.
 
     When the client hangs up, Starlette cancels the task sending the body. If that lands while a
     chunk is being sent rather than inside the generator, the generator stays suspended at its
-    ``yield`` until garbage collection: the request's admitted KV, its decode pages, prefill
-    chunks and indexer state would stay held until then. Closing it runs its ``finally`` blocks
-    now."""
+    ``yield`` until garbage collection: the request's decode pages, prefill chunks and indexer
+    state would stay held until then. Closing it runs its ``finally`` blocks now. ``on_close``
+    runs even when the generator never started (a hang-up before the first chunk) and when the
+    response was cancelled, where Starlette's ``background`` task does not run."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            try:
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                self.on_close()
 
 
 class _Admitted:
@@ -160,9 +169,8 @@ class OpenAIIngress:
             return _overloaded_response(e)
         held = _Admitted(self.admission, need)
         if req.stream:
-            return ClosingStreamingResponse(self._sse(rid, prompt, sp, lsa, chat, held),
-                                            media_type="text/event-stream",
-                                            background=BackgroundTask(held.release))
+            return ClosingStreamingResponse(self._sse_events(rid, prompt, sp, lsa, chat),
+                                            held.release, media_type="text/event-stream")
         text, final = "", None
         try:
             async with aclosing(self.client.stream(prompt, sp, lsa, rid)) as events:
@@ -182,15 +190,6 @@ class OpenAIIngress:
         return {"id": rid, "object": "chat.completion" if chat else "text_completion",
                 "created": now(), "model": self.served_name, "choices": [choice],
                 "usage": usage(final.stats)}
-
-    async def _sse(self, rid: str, prompt: Prompt, sp: SamplingParams, lsa: Any,
-                   chat: bool, held: _Admitted) -> AsyncIterator[str]:
-        try:
-            async with aclosing(self._sse_events(rid, prompt, sp, lsa, chat)) as events:
-                async for text in events:
-                    yield text
-        finally:
-            held.release()
 
     async def _sse_events(self, rid: str, prompt: Prompt, sp: SamplingParams, lsa: Any,
                           chat: bool) -> AsyncIterator[str]:

@@ -92,9 +92,40 @@ def test_streaming_response_frees_the_request_when_the_client_hangs_up(closing: 
                 await asyncio.sleep(0.05)  # a slow socket: the cancel lands here
 
         gen = body()  # held here, so only an explicit close can run its finally
-        cls = ClosingStreamingResponse if closing else StreamingResponse
-        await cls(gen, media_type="text/event-stream")({"type": "http"}, receive, send)
+        released: list[bool] = []
+        resp = (ClosingStreamingResponse(gen, lambda: released.append(True),
+                                         media_type="text/event-stream") if closing else
+                StreamingResponse(gen, media_type="text/event-stream"))
+        await resp({"type": "http"}, receive, send)
         assert freed == ([True] if closing else [])
+        assert released == ([True] if closing else [])
         await gen.aclose()
 
     asyncio.run(run())
+
+
+def test_streaming_response_releases_admission_when_the_body_never_started() -> None:
+    """A hang-up before the first chunk: the body generator never ran (so its ``finally``
+    cannot free anything), yet the ingress's response still releases the admitted KV."""
+    from flashmemory.cluster.serve_app import ClosingStreamingResponse
+
+    started: list[bool] = []
+
+    async def body():
+        started.append(True)
+        yield "data: x\n\n"
+
+    async def run() -> list[bool]:
+        async def receive() -> dict:
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            await asyncio.sleep(0.05)  # the cancel lands in sending the response start
+
+        released: list[bool] = []
+        await ClosingStreamingResponse(body(), lambda: released.append(True),
+                                       media_type="text/event-stream")(
+            {"type": "http"}, receive, send)
+        return released
+
+    assert asyncio.run(run()) == [True] and started == []
