@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from flashmemory.indexer.evaluate import against_oracle, neural_scorer
-from flashmemory.indexer.head import features, fit_head
+from flashmemory.indexer.head import fit_head, row_features
 from flashmemory.indexer.train import read_labels
 
 BUDGETS = (0.05, 0.1, 0.2)
@@ -44,11 +44,8 @@ def main() -> None:
     test = [r for r in usable if r["split"] == "eval"]
     score = neural_scorer(args.indexer, args.device)
     s_train, s_test = [score(r) for r in train], [score(r) for r in test]
-    def feats(r: dict, s: torch.Tensor) -> torch.Tensor:
-        return features(torch.tensor(r["candidates"]), len(r["chunk_texts"]), s)
-
-    f_train = [feats(r, s) for r, s in zip(train, s_train, strict=True)]
-    f_test = [feats(r, s) for r, s in zip(test, s_test, strict=True)]
+    f_train = [row_features(r, s) for r, s in zip(train, s_train, strict=True)]
+    f_test = [row_features(r, s) for r, s in zip(test, s_test, strict=True)]
     masses = [torch.tensor(r["mass"], dtype=torch.float32) for r in train]
     print(f"indexer {args.indexer}: head fitted on {len(train)} training rows, "
           f"measured on {len(test)} evaluation rows")

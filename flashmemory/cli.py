@@ -111,6 +111,9 @@ def _common(p: argparse.ArgumentParser, selection: bool = True) -> None:
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run GPU decode steps eagerly")
     g = p.add_argument_group("LSA")
+    g.add_argument("--chunk-size", type=int, default=64)
+    g.add_argument("--recent-tokens", type=int, default=128)
+    g.add_argument("--sink-chunks", type=int, default=1)
     if selection:
         g.add_argument("--budget", type=float, default=0.1,
                        help="fraction of prompt chunks kept")
@@ -121,10 +124,6 @@ def _common(p: argparse.ArgumentParser, selection: bool = True) -> None:
         g.add_argument("--min-budget", type=float, default=0.0,
                        help="with --threshold: fraction of prompt chunks kept at least "
                             "(the floor)")
-    g.add_argument("--chunk-size", type=int, default=64)
-    g.add_argument("--recent-tokens", type=int, default=128)
-    g.add_argument("--sink-chunks", type=int, default=1)
-    if selection:
         g.add_argument("--repredict-every", type=int, default=64)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

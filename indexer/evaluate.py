@@ -121,10 +121,8 @@ def indexer_scorer(idx: Any, head: bool = True) -> Scorer:
         key = f"{row['doc_id']}/{row['window']}"
         idx.add_request(key, row["chunk_texts"])
         try:
-            if not head:
-                return idx.chunk_scores(key, row["query"])[torch.tensor(row["candidates"])]
             return idx.candidate_scores(key, row["query"], row["candidates"],
-                                        len(row["chunk_texts"]))
+                                        len(row["chunk_texts"]), head)
         finally:
             idx.forget(key)
 

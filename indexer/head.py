@@ -47,6 +47,11 @@ def features(candidates: torch.Tensor, num_chunks: int, scores: torch.Tensor) ->
                         s], 1)
 
 
+def row_features(row: dict[str, Any], scores: torch.Tensor) -> torch.Tensor:
+    """``features`` of a label row's candidates from their text scores."""
+    return features(torch.tensor(row["candidates"]), len(row["chunk_texts"]), scores)
+
+
 class ScoreHead(torch.nn.Module):
     """Standardise the features, then a linear layer (``hidden == 0``) or a one-hidden-layer
     MLP; one score per candidate."""
@@ -100,7 +105,6 @@ def fit_head(feats: list[torch.Tensor], masses: list[torch.Tensor], hidden: int 
     if not feats:
         raise ValueError("no rows to fit the head on")
     torch.manual_seed(seed)
-    random.seed(seed)
     head = ScoreHead(hidden)
     allf = torch.cat(feats)
     head.mu.copy_(allf.mean(0))
@@ -155,7 +159,7 @@ def fit_from_labels(labels: Path, indexer: str, out_dir: Path, hidden: int = 0,
     text_scores = indexer_scorer(idx, head=False)  # a base checkpoint's own head not applied
 
     def feats(r: dict[str, Any]) -> torch.Tensor:
-        return features(torch.tensor(r["candidates"]), len(r["chunk_texts"]), text_scores(r))
+        return row_features(r, text_scores(r))
 
     head, curve = fit_head([feats(r) for r in fit_rows],
                            [torch.tensor(r["mass"], dtype=torch.float32) for r in fit_rows],

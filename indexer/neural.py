@@ -133,8 +133,11 @@ class NeuralIndexer:
                                      req.num_prompt_chunks)
 
     def candidate_scores(self, request_id: str, query: str, candidates: list[int],
-                         num_prompt_chunks: int) -> torch.Tensor:
-        """Scores of ``candidates``: the text score, through the checkpoint's head if any."""
+                         num_prompt_chunks: int, head: bool = True) -> torch.Tensor:
+        """Scores of ``candidates``: the text score, through the checkpoint's head if it has
+        one (``head=False``: the text score alone)."""
         cands = torch.tensor(candidates, dtype=torch.long)
         text = self.chunk_scores(request_id, query)[cands]
-        return text if self.head is None else self.head.score(cands, num_prompt_chunks, text)
+        if not head or self.head is None:
+            return text
+        return self.head.score(cands, num_prompt_chunks, text)
