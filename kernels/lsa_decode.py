@@ -58,11 +58,11 @@ if triton is not None:
         stride_ob, stride_oh, stride_os,
         stride_lb, stride_lh,
         stride_fb, stride_fh,
-        qk_scale, num_splits,
+        qk_scale, num_splits, table_width,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_FP32: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr,
-        PREFETCH: tl.constexpr,
+        PREFETCH: tl.constexpr, STRIDED: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -72,12 +72,21 @@ if triton is not None:
         # seq_len -> table chain overlaps the previous kernel's tail.
         seq_len = tl.load(SeqLens + b)
         n_blocks = tl.cdiv(seq_len, BLOCK_N)
-        per_split = tl.cdiv(n_blocks, num_splits)  # each request splits its own chunks: ragged
-        start = s * per_split
-        end = tl.minimum(start + per_split, n_blocks)
         row = Table + b * stride_tb
-        if PREFETCH:  # the next block's page index is loaded one iteration ahead
-            nxt = tl.load(row + start * BLOCK_N // PAGE, mask=start < end, other=0)
+        if STRIDED:  # split s takes blocks s, s + S, ...: its first page needs no seq_len
+            start = s
+            end = n_blocks
+            step = num_splits
+            if PREFETCH:
+                nxt = tl.load(row + start * BLOCK_N // PAGE,
+                              mask=start * BLOCK_N // PAGE < table_width, other=0)
+        else:
+            per_split = tl.cdiv(n_blocks, num_splits)  # each request splits its own chunks
+            start = s * per_split
+            end = tl.minimum(start + per_split, n_blocks)
+            step = 1
+            if PREFETCH:  # the next block's page index is loaded one iteration ahead
+                nxt = tl.load(row + start * BLOCK_N // PAGE, mask=start < end, other=0)
         if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel
             gdc_wait()  # before reading Q and K/V, which it may have written
             gdc_launch_dependents()  # let the merge kernel launch and wait in turn
@@ -98,12 +107,13 @@ if triton is not None:
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
         kv_head = KV + h * stride_kvh
-        for blk in range(start, end):
+        for blk in range(start, end, step):
             tok0 = blk * BLOCK_N
             t_ok = tok0 + t < seq_len
             if PREFETCH:
                 page = nxt.to(tl.int64)
-                nxt = tl.load(row + (tok0 + BLOCK_N) // PAGE, mask=blk + 1 < end, other=0)
+                nxt = tl.load(row + (tok0 + step * BLOCK_N) // PAGE, mask=blk + step < end,
+                              other=0)
                 rows = (tok0 % PAGE) + t
                 ptr = kv_head + page * stride_kvp + rows[:, None] * stride_kvt + d[None, :]
             elif BLOCK_N <= PAGE:  # the block lies in one page
@@ -203,6 +213,14 @@ def default_launch(batch: int, num_kv_heads: int, max_blocks: int, num_sms: int 
     return max(1, min(-(-2 * slots // units), max_blocks)), 2
 
 
+# Round-robin blocks from this many splits on. Measured on the H200 (docs/BENCHMARKS.md
+# section 4, `python benchmarks/kernel_probe.py --variants`, two runs): at batch 1 with 33 splits
+# (Llama-3-8B shape) 0.6-1.3 us faster at 16K-26K resident tokens and 0.3-0.6 us at 52K, and
+# 0.1-0.8 us faster on the SmolLM2 shape (66-132 splits); 0.8-0.9 us slower at batch 8 with the
+# Llama-3-8B shape's 4 splits.
+STRIDED_FROM = 16
+
+
 def block_size(chunk_size: int) -> int:
     """Tokens per inner iteration: the largest power of two <= 64 dividing the chunk size."""
     n = 64
@@ -244,7 +262,7 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, scale: float | None = None, num_splits: int | None = None,
                num_warps: int = 4, num_stages: int | None = None, block_n: int | None = None,
                pdl: bool | None = None, prefetch: bool = True,
-               early_next: bool = True) -> torch.Tensor:
+               early_next: bool = True, strided: bool | None = None) -> torch.Tensor:
     """Decode attention of q over resident pages, read in place; shapes as ``lsa_decode_ref``.
 
     Every seq_lens entry must be >= 1 and the table must hold ceil(seq_len / C) valid pages per
@@ -257,7 +275,9 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
     previous kernel starts (the decode runner copies them at the top of the step).
     ``prefetch`` loads each block's page index one iteration ahead; ``early_next`` lets the next
     PDL kernel launch as soon as the merge starts. Both are on by default; the switches exist
-    for ``benchmarks/kernel_probe.py``.
+    for ``benchmarks/kernel_probe.py``. ``strided`` (default: from ``STRIDED_FROM`` splits)
+    deals blocks to splits round-robin (split s reads blocks s, s + S, ...) instead of in runs:
+    each program's first page index is then known without the request's length.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -278,6 +298,8 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
         # three blocks of D > 128 would not fit in shared memory
         num_stages = (stages if d <= 128 else 2) if num_stages is None else num_stages
     scale = d ** -0.5 if scale is None else scale
+    if strided is None:
+        strided = num_splits >= STRIDED_FROM
     if pdl is None:
         pdl = _pdl_ok(q.device)
     launch = {"launch_pdl": True} if pdl else {}
@@ -295,11 +317,12 @@ def lsa_decode(q: torch.Tensor, kv: torch.Tensor, block_table: torch.Tensor,
         part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
-        scale * _LOG2E, num_splits,
+        scale * _LOG2E, num_splits, block_table.shape[1],
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         D_PAD=d_pad, PAGE=c, BLOCK_N=bn,
         DOT_FP32=kv.dtype == torch.float32 or _interpreting(), DIRECT=direct, PDL=pdl,
-        PREFETCH=prefetch and bn <= c, num_warps=num_warps, num_stages=num_stages, **launch,
+        PREFETCH=prefetch and bn <= c, STRIDED=strided,
+        num_warps=num_warps, num_stages=num_stages, **launch,
     )
     if not direct:
         _lsa_merge_kernel[(b, hq)](

@@ -39,10 +39,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def check(lens, hq, hkv, d, c, dtype, splits=None, layer=1):
+def check(lens, hq, hkv, d, c, dtype, splits=None, layer=1, strided=None):
     q, pool, table, seq = make_case(lens, hq, hkv, d, c, dtype)
     kv = pool[:, layer]  # one layer of the pool: a strided view, read in place
-    out = lsa_decode(q, kv, table, seq, num_splits=splits)
+    out = lsa_decode(q, kv, table, seq, num_splits=splits, strided=strided)
     ref = lsa_decode_ref(q.float(), kv.float(), table, seq)
     err = rel_err(out, ref)
     assert err < TOL[dtype], f"rel err {err:.2e} for lens={lens} dtype={dtype}"
@@ -73,14 +73,17 @@ def test_head_dims(d):
     check([33, 50], hq=4, hkv=2, d=d, c=16, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("strided", [False, True])  # blocks to splits in runs / round-robin
 @pytest.mark.parametrize("splits", [1, 2, 5, 40])
-def test_split_counts_including_more_splits_than_chunks(splits):
-    check([100, 9, 64], hq=4, hkv=2, d=64, c=16, dtype=torch.float32, splits=splits)
+def test_split_counts_including_more_splits_than_chunks(splits, strided):
+    check([100, 9, 64], hq=4, hkv=2, d=64, c=16, dtype=torch.float32, splits=splits,
+          strided=strided)
 
 
-def test_chunk_larger_than_block():
+@pytest.mark.parametrize("strided", [False, True])
+def test_chunk_larger_than_block(strided):
     # 128-token chunks are read in 64-token blocks: two blocks per page
-    check([300, 129], hq=4, hkv=2, d=64, c=128, dtype=torch.bfloat16, splits=3)
+    check([300, 129], hq=4, hkv=2, d=64, c=128, dtype=torch.bfloat16, splits=3, strided=strided)
 
 
 def test_writes_every_output_and_ignores_spare_pages():
@@ -128,10 +131,10 @@ def test_real_shapes_on_gpu(hq, hkv, d):
 def test_cuda_graph_replay_follows_table_updates():
     q, pool, table, seq = make_case([3000, 700], 32, 8, 128, 64, torch.bfloat16, layers=1)
     kv = pool[:, 0]
-    lsa_decode(q, kv, table, seq, num_splits=8)  # compile outside the capture
+    lsa_decode(q, kv, table, seq, num_splits=24)  # compile outside the capture (round-robin)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = lsa_decode(q, kv, table, seq, num_splits=8)
+        out = lsa_decode(q, kv, table, seq, num_splits=24)
     # a re-prediction rewrites the table and the lengths in place, outside the graph
     new_table = table.clone()
     new_table[0, :10] = table[1, :10]
@@ -142,12 +145,13 @@ def test_cuda_graph_replay_follows_table_updates():
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("block_n", [32, 64])
-def test_blocks_spanning_several_pages(block_n):
+def test_blocks_spanning_several_pages(block_n, strided):
     # 16-token chunks read 32 or 64 tokens at a time: each row looks its page up
     q, pool, table, seq = make_case([100, 7, 33], 4, 2, 64, 16, torch.bfloat16)
     kv = pool[:, 1]
-    out = lsa_decode(q, kv, table, seq, block_n=block_n, num_splits=2)
+    out = lsa_decode(q, kv, table, seq, block_n=block_n, num_splits=2, strided=strided)
     assert rel_err(out, lsa_decode_ref(q, kv, table, seq)) < TOL[torch.bfloat16]
 
 
