@@ -37,9 +37,12 @@ def main() -> None:
     ap.add_argument("--indexer", required=True)
     ap.add_argument("--exclude", type=Path, help="label dump the indexer was trained on")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mass", choices=["peak", "mean"], default="peak",
+                    help="the label mass to fit and measure (indexer.train.read_labels)")
     args = ap.parse_args()
     seen = {r["doc_id"] for r in read_labels(args.exclude)} if args.exclude else set()
-    usable = [r for r in read_labels(args.labels) if r["candidates"] and sum(r["mass"]) > 0]
+    usable = [r for r in read_labels(args.labels, mass=args.mass)
+              if r["candidates"] and sum(r["mass"]) > 0]
     train = [r for r in usable if r["split"] == "train" and r["doc_id"] not in seen]
     test = [r for r in usable if r["split"] == "eval"]
     score = neural_scorer(args.indexer, args.device)
@@ -47,7 +50,7 @@ def main() -> None:
     f_train = [row_features(r, s) for r, s in zip(train, s_train, strict=True)]
     f_test = [row_features(r, s) for r, s in zip(test, s_test, strict=True)]
     masses = [torch.tensor(r["mass"], dtype=torch.float32) for r in train]
-    print(f"indexer {args.indexer}: head fitted on {len(train)} training rows, "
+    print(f"indexer {args.indexer}, {args.mass} mass: head fitted on {len(train)} training rows, "
           f"measured on {len(test)} evaluation rows")
     print("| selector | 5%: mass recall (vs oracle) | 10% | 20% |\n|---|---:|---:|---:|")
     print(line("indexer score alone", test, s_test))

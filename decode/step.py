@@ -29,16 +29,22 @@ class DecodeSlot:
 
 
 class AttentionRecorder:
-    """Per step, each chunk's peak attention mass over layers and query heads.
+    """Per step, each chunk's attention mass aggregated over layers and query heads two ways.
 
-    The peak (not the mean) is kept because a few retrieval heads decide what a request needs;
-    averaged over all heads their signal drowns in heads that attend to sinks and recent tokens.
+    ``steps``: the peak over heads, kept for the labels because a few retrieval heads decide
+    what a request needs; averaged over all heads their signal drowns in heads that attend to
+    sinks and recent tokens. ``mean_steps``: the mean over every (layer, query head), the share
+    of all attention the chunk receives (the textbook attention-mass measure, reported next to
+    the peak by ``flashmemory indexer evaluate --mass mean``).
     """
 
     def __init__(self, num_layers: int, quest_every: int | None = None) -> None:
         self.num_layers = num_layers
-        self.current: dict[str, torch.Tensor] = {}  # request -> (num_chunks_seen,) fp32 sum
+        self.current: dict[str, torch.Tensor] = {}  # request -> (num_chunks_seen,) peak
         self.steps: dict[str, list[torch.Tensor]] = {}
+        self._sum: dict[str, torch.Tensor] = {}  # request -> summed mass over heads this step
+        self._heads: dict[str, int] = {}  # request -> heads summed this step
+        self.mean_steps: dict[str, list[torch.Tensor]] = {}
         # Quest-style scores (the backbone's own query against per-chunk key bounds), recorded
         # every ``quest_every`` steps: request -> step -> (num_chunks_seen,)
         self.quest_every = quest_every
@@ -49,28 +55,44 @@ class AttentionRecorder:
         step = len(self.steps.get(request_id, []))
         return self.quest_every is not None and step % self.quest_every == 0
 
-    def add(self, request_id: str, chunks: torch.Tensor, mass: torch.Tensor,
+    def add(self, request_id: str, chunks: torch.Tensor, per_head: torch.Tensor,
             quest: torch.Tensor | None = None) -> None:
-        self.current[request_id] = _peak(self.current.get(request_id), chunks, mass)
+        """One layer's mass: ``per_head`` (query heads, len(chunks)) on the chunks ``chunks``."""
+        self.current[request_id] = _peak(self.current.get(request_id), chunks,
+                                         per_head.max(0).values)
+        self._sum[request_id] = _add(self._sum.get(request_id), chunks, per_head.sum(0))
+        self._heads[request_id] = self._heads.get(request_id, 0) + per_head.shape[0]
         if quest is not None:
             self._quest_now[request_id] = _peak(self._quest_now.get(request_id), chunks, quest)
 
     def end_step(self) -> None:
         for rid, acc in self.current.items():
             self.steps.setdefault(rid, []).append(acc)
+            self.mean_steps.setdefault(rid, []).append(self._sum[rid] / self._heads[rid])
         for rid, acc in self._quest_now.items():
             self.quest.setdefault(rid, {})[len(self.steps[rid]) - 1] = acc
-        self.current, self._quest_now = {}, {}
+        self.current, self._quest_now, self._sum, self._heads = {}, {}, {}, {}
 
 
-def _peak(acc: torch.Tensor | None, chunks: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Elementwise max of ``value`` into ``acc`` at ``chunks`` (grown as needed)."""
-    size = int(chunks.max()) + 1
+def _grown(acc: torch.Tensor | None, size: int) -> torch.Tensor:
     if acc is None or acc.numel() < size:
         grown = torch.zeros(size)
         if acc is not None:
             grown[: acc.numel()] = acc
-        acc = grown
+        return grown
+    return acc
+
+
+def _add(acc: torch.Tensor | None, chunks: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed into ``acc`` at ``chunks`` (grown as needed)."""
+    acc = _grown(acc, int(chunks.max()) + 1)
+    acc.index_add_(0, chunks.cpu(), value.float().cpu())
+    return acc
+
+
+def _peak(acc: torch.Tensor | None, chunks: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Elementwise max of ``value`` into ``acc`` at ``chunks`` (grown as needed)."""
+    acc = _grown(acc, int(chunks.max()) + 1)
     idx = chunks.cpu()
     acc[idx] = torch.maximum(acc[idx], value.float().cpu())
     return acc
@@ -131,7 +153,7 @@ class DecodeBackend:
         per_chunk = padded.view(hq, n, c).sum(2)  # (Hq, n) mass of each head on each chunk
         quest = (quest_scores(q[0, :, 0], k, n, c) if self.recorder.wants_quest(s.request_id)
                  else None)
-        self.recorder.add(s.request_id, torch.tensor(s.chunks), per_chunk.max(0).values, quest)
+        self.recorder.add(s.request_id, torch.tensor(s.chunks), per_chunk, quest)
 
 
 def build_slot(pool: ChunkPool, request_id: str) -> DecodeSlot:

@@ -11,7 +11,7 @@ import itertools
 import logging
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ class Trace:
     steps: list[torch.Tensor]  # per decode step: (num_chunks_seen,) peak attention mass
     chunk_texts: list[str]  # the prompt's chunks
     quest: dict[int, torch.Tensor]  # step -> (num_chunks_seen,) Quest-style scores
+    mean_steps: list[torch.Tensor] = field(default_factory=list)  # per step: mean over heads
 
 
 class Engine(ABC):
@@ -142,9 +143,10 @@ class LLM(Engine):
         try:
             first = self._prefill(store_id, prompt, lsa.chunk_size, [replace(lsa, mode="full")])
             texts = self.store.chunk_texts(store_id)
-            out, steps, quest = self._record_full(store_id, prompt, sampling, lsa, first, start,
-                                                  quest_every)
-            return Trace(out, steps, texts, quest)
+            out, rec, rid = self._record_full(store_id, prompt, sampling, lsa, first, start,
+                                              quest_every)
+            return Trace(out, rec.steps.get(rid, []), texts, rec.quest.get(rid, {}),
+                         rec.mean_steps.get(rid, []))
         finally:
             self._release(store_id)
 
@@ -230,19 +232,19 @@ class LLM(Engine):
                        start: float) -> dict[str, list[torch.Tensor]]:
         """Full-attention run recording per-chunk attention mass at every step."""
         oracle = next(c for c in configs if c.mode == "oracle")
-        _, steps, _ = self._record_full(store_id, prompt, sampling, oracle, first, start)
-        return {store_id: steps}
+        _, rec, rid = self._record_full(store_id, prompt, sampling, oracle, first, start)
+        return {store_id: rec.steps.get(rid, [])}
 
     def _record_full(self, store_id: str, prompt: Prompt, sampling: SamplingParams,
                      lsa: LSAConfig, first: torch.Tensor, start: float,
                      quest_every: int | None = None,
-                     ) -> tuple[RequestOutput, list[torch.Tensor], dict[int, torch.Tensor]]:
+                     ) -> tuple[RequestOutput, AttentionRecorder, str]:
         """Decode a prefilled prompt with full attention, recording per-step chunk mass (and
-        Quest-style scores every ``quest_every`` steps)."""
+        Quest-style scores every ``quest_every`` steps): the output, the record, its request."""
         seq = self._new_seq(store_id, prompt, sampling, replace(lsa, mode="full"), start, None)
         recorder = AttentionRecorder(self.model.config.num_layers, quest_every)
         out = self._decode([seq], {store_id: first}, recorder)[0]
-        return out, recorder.steps.get(seq.rid, []), recorder.quest.get(seq.rid, {})
+        return out, recorder, seq.rid
 
     def _decode(self, seqs: list[Sequence], firsts: dict[str, torch.Tensor],
                 recorder: AttentionRecorder | None = None) -> list[RequestOutput]:

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+MASSES = ("peak", "mean")  # as indexer.train.MASSES (kept here: the CLI imports no torch)
+MASS_HELP = ("the label mass to use: peak (over layers and heads, the default) or mean (the "
+             "share of all attention; needs a dump with mass_mean)")
 
 
 def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
@@ -62,6 +65,7 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
     t.add_argument("--temperature", type=float, default=0.05,
                    help="kl: softmax temperature over cosine scores")
     t.add_argument("--device", default=None)
+    t.add_argument("--mass", choices=MASSES, default="peak", help=MASS_HELP)
 
     h = steps.add_parser("fit-head", help="fit a position-aware score head over an indexer")
     h.add_argument("--labels", type=Path, required=True)
@@ -73,6 +77,7 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
     h.add_argument("--exclude", type=Path,
                    help="label dump the encoder was trained on (its documents are left out)")
     h.add_argument("--device", default="cpu")
+    h.add_argument("--mass", choices=MASSES, default="peak", help=MASS_HELP)
 
     e = steps.add_parser("evaluate", help="selection recall of indexers against a label dump")
     e.add_argument("--labels", type=Path, required=True)
@@ -82,6 +87,7 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
     e.add_argument("--budgets", type=csv, default=["0.05", "0.1", "0.2"])
     e.add_argument("--json", type=Path, help="also write the result rows here")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--mass", choices=MASSES, default="peak", help=MASS_HELP)
 
     ld = steps.add_parser("latent-dump", help="DeepSeek-V4: full decodes over a corpus, writing "
                           "the latent indexer's inputs and lookahead page labels")
@@ -169,7 +175,7 @@ def _train(args: argparse.Namespace) -> int:
                       learning_rate=args.lr, max_rows=args.max_rows, top_p=args.top_p,
                       max_positives=args.max_positives, loss=args.loss, group=args.group,
                       groupings=args.groupings,
-                      temperature=args.temperature)
+                      temperature=args.temperature, mass=args.mass)
     meta = train(args.labels, args.out, cfg, args.device)
     print(json.dumps(meta, indent=1))
     return 0
@@ -182,7 +188,7 @@ def _fit_head(args: argparse.Namespace) -> int:
     if args.hidden < 0 or args.steps < 1:
         raise UsageError("--hidden must be >= 0 and --steps >= 1")
     meta = fit_from_labels(args.labels, args.indexer, args.out, args.hidden, args.steps,
-                           args.exclude, device=args.device)
+                           args.exclude, device=args.device, mass=args.mass)
     print(json.dumps(meta, indent=1))
     return 0
 
@@ -193,7 +199,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from flashmemory.indexer.train import read_labels
 
     budgets = tuple(float(b) for b in args.budgets)
-    rows = read_labels(args.labels, None if args.split == "all" else args.split)
+    rows = read_labels(args.labels, None if args.split == "all" else args.split, args.mass)
     if not rows:
         raise ValueError(f"{args.labels} has no rows for split {args.split!r}")
     from flashmemory.indexer.train import read_meta
@@ -205,7 +211,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         meta = read_meta(Path(name)) if Path(name).is_dir() else None
         if meta is not None:  # a trained indexer: also its calibrated threshold
             adaptive[name] = evaluate.Adaptive(meta["threshold"])
-    result = evaluate.evaluate(rows, scorers, budgets, adaptive)
+    result = [dict(r, mass=args.mass) for r in evaluate.evaluate(rows, scorers, budgets, adaptive)]
+    print(f"mass recall against the {args.mass} mass over layers and heads")
     print(markdown(result, ["selector", "budget", "family", "rows", "kept_pct", "mass_recall",
                             "recall", "precision"]))
     if args.json:

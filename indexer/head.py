@@ -125,11 +125,11 @@ def fit_head(feats: list[torch.Tensor], masses: list[torch.Tensor], hidden: int 
 
 def fit_from_labels(labels: Path, indexer: str, out_dir: Path, hidden: int = 0,
                     steps: int = 400, exclude: Path | None = None, target_recall: float = 0.9,
-                    device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+                    device: str = "cpu", seed: int = 0, mass: str = "peak") -> dict[str, Any]:
     """Fit a head over ``indexer``'s text scores on the training split of a label dump (less
     the documents of ``exclude``, the encoder's own training dump), calibrate its threshold on
     a held-out tenth, and write ``out_dir``: a copy of the encoder, the head and metadata.
-    Returns the metadata."""
+    ``mass``: the labels' aggregation to fit (``train.read_labels``). Returns the metadata."""
     import datetime as dt
     import json
     import shutil
@@ -148,7 +148,7 @@ def fit_from_labels(labels: Path, indexer: str, out_dir: Path, hidden: int = 0,
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} exists and is not empty")
     seen = {r["doc_id"] for r in read_labels(exclude)} if exclude else set()
-    rows = [r for r in read_labels(labels, "train")
+    rows = [r for r in read_labels(labels, "train", mass)
             if r["candidates"] and sum(r["mass"]) > 0 and r["doc_id"] not in seen]
     if len(rows) < 2:
         raise ValueError(f"{labels}: {len(rows)} usable training rows (need >= 2)")
@@ -179,7 +179,7 @@ def fit_from_labels(labels: Path, indexer: str, out_dir: Path, hidden: int = 0,
     meta.update(created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 threshold=threshold, threshold_recall=target_recall,
                 threshold_negatives_kept=neg_kept)
-    meta["head"] = {"encoder": indexer, "labels": str(labels), "hidden": hidden,
+    meta["head"] = {"encoder": indexer, "labels": str(labels), "mass": mass, "hidden": hidden,
                     "steps": steps, "fit_rows": len(fit_rows), "calibration_rows": len(held),
                     "families": sorted({r["family"] for r in fit_rows}), "loss_curve": curve}
     head.save(out_dir, meta["head"])

@@ -3,9 +3,10 @@
 ``flashmemory indexer dump`` runs the backbone over a corpus (``indexer.corpus``) with full
 attention, recording every decode step's attention mass per chunk (``decode.step.
 AttentionRecorder``: per step, each chunk's peak over layers and query heads of the mass the head
-puts on it). For each window of W steps (default 64) the mass is summed over the window's steps;
-the candidates are the prompt chunks outside the always-resident set (sink chunks and the recency
-tail); the positives are the fewest candidates holding ``top_p`` of the candidates' summed mass.
+puts on it, and the mean over them). For each window of W steps (default 64) the mass is summed
+over the window's steps; the candidates are the prompt chunks outside the always-resident set
+(sink chunks and the recency tail); the positives are the fewest candidates holding ``top_p`` of
+the candidates' summed mass.
 Rows are written as Parquet part files, one per ``flush_every`` documents; a rerun skips the
 documents already written (resumable). Schema, one row per (document, window):
   doc_id, family, split: str          from the corpus
@@ -15,6 +16,11 @@ documents already written (resumable). Schema, one row per (document, window):
   candidates: list<int>               chunks a selector chooses among
   mass: list<float>                   summed peak mass of each candidate over the window
   positives: list<int>                the top-p candidates (the label)
+  mass_mean: list<float>              summed mean mass (over every layer and query head: the
+                                      share of all attention) of each candidate
+  positives_mean: list<int>           the top-p candidates by mass_mean
+                                      (``read_labels(..., mass="mean")`` reads these two as
+                                      ``mass`` and ``positives``)
   quest: list<float>                  Quest-style score of each candidate at step_start: the
                                       backbone's query against per-chunk key min / max bounds
   answer, output: str                 gold answer and the backbone's generated text
@@ -78,26 +84,37 @@ def label_rows(doc: Document, trace: Any, num_prompt_tokens: int, query_base: st
     n = len(chunk_texts)
     output = decode(output_ids)
     rows = []
+    means = getattr(trace, "mean_steps", None) or []
     for w, s0 in enumerate(range(0, len(steps), cfg.window)):
-        window = steps[s0:s0 + cfg.window]
-        mass = torch.zeros(n)
-        for m in window:  # each step's vector covers the chunks seen so far (prompt + generated)
-            k = min(n, m.numel())
-            mass[:k] += m[:k]
         fixed = fixed_chunks(n, num_prompt_tokens + s0 + 1, cfg.chunk_size, cfg.sink_chunks,
                              cfg.recent_tokens)
         cands = [i for i in range(n) if i not in fixed]
-        cand_mass = mass[cands] if cands else torch.zeros(0)
+        cand_mass = _window_mass(steps[s0:s0 + cfg.window], n)[cands]
         pos = [cands[i] for i in top_p_positives(cand_mass, cfg.top_p, cfg.max_positives)]
+        cand_mean = _window_mass(means[s0:s0 + cfg.window], n)[cands] if means else None
+        pos_mean = (None if cand_mean is None else
+                    [cands[i] for i in top_p_positives(cand_mean, cfg.top_p, cfg.max_positives)])
         recent = decode(output_ids[:s0])[-400:] if s0 else ""
         quest = trace.quest.get(s0)
         rows.append(dict(
             doc_id=doc.doc_id, family=doc.family, split=doc.split, window=w, step_start=s0,
             query=f"{query_base} {recent}" if recent else query_base,
             chunk_texts=chunk_texts, candidates=cands, mass=cand_mass.tolist(), positives=pos,
+            mass_mean=None if cand_mean is None else cand_mean.tolist(),
+            positives_mean=pos_mean,
             quest=None if quest is None else quest[cands].tolist(),
             answer=doc.answer, output=output))
     return rows
+
+
+def _window_mass(window: list[torch.Tensor], n: int) -> torch.Tensor:
+    """(n,) the window's per-step chunk mass summed over its steps; each step's vector covers
+    the chunks seen so far (prompt + generated), of which the first n are the prompt's."""
+    mass = torch.zeros(n)
+    for m in window:
+        k = min(n, m.numel())
+        mass[:k] += m[:k]
+    return mass
 
 
 def done_doc_ids(out_dir: Path) -> set[str]:

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "flashmemory-indexer"
 FORMAT_VERSION = 1
 META_FILE = "flashmemory_indexer.json"
+MASSES = ("peak", "mean")  # label mass aggregations over layers and heads (indexer.labels)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class TrainConfig:
     group: int = 8  # kl: candidates per example
     groupings: int = 1  # kl: independent shuffles of each row into groups (more pairs compared)
     temperature: float = 0.05  # kl: the student's softmax temperature over cosine scores
+    mass: str = "peak"  # the labels' mass aggregation to learn ("peak" or "mean"; read_labels)
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_size < 2 or self.learning_rate <= 0:
@@ -67,16 +69,29 @@ class TrainConfig:
             raise ValueError("group >= 2, groupings >= 1 and temperature > 0 are required")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
+        if self.mass not in MASSES:
+            raise ValueError(f"mass must be one of {MASSES}, got {self.mass!r}")
 
 
-def read_labels(path: Path, split: str | None = None) -> list[dict[str, Any]]:
-    """Rows of a label dump (a directory of part files or one Parquet file)."""
+def read_labels(path: Path, split: str | None = None, mass: str = "peak",
+                ) -> list[dict[str, Any]]:
+    """Rows of a label dump (a directory of part files or one Parquet file). ``mass="mean"``:
+    each row's ``mass`` and ``positives`` are its mean-over-heads ones (``mass_mean``,
+    ``positives_mean``; ``indexer.labels``) instead of the peak-over-heads ones."""
     import pyarrow.parquet as pq
 
+    if mass not in MASSES:
+        raise ValueError(f"mass must be one of {MASSES}, got {mass!r}")
     if not path.exists():
         raise FileNotFoundError(f"no label dump at {path}")
-    rows = pq.read_table(path).to_pylist()
-    return [r for r in rows if split is None or r["split"] == split]
+    rows = [r for r in pq.read_table(path).to_pylist() if split is None or r["split"] == split]
+    if mass == "mean":
+        if any(r.get("mass_mean") is None for r in rows):
+            raise ValueError(f"{path} has rows without mass_mean (dumped before the mean was "
+                             "recorded): dump it again to read it with mass='mean'")
+        for r in rows:
+            r["mass"], r["positives"] = r["mass_mean"], r["positives_mean"]
+    return rows
 
 
 def chunk_view(texts: list[str], i: int, overlap: int) -> str:
@@ -222,7 +237,7 @@ def train(labels: Path, out_dir: Path, cfg: TrainConfig, device: str | None = No
 
     from flashmemory.indexer.neural import resolve_indexer
 
-    rows = read_labels(labels, "train")
+    rows = read_labels(labels, "train", cfg.mass)
     if cfg.max_rows:
         rows = rows[: cfg.max_rows]
     rng = random.Random(cfg.seed)

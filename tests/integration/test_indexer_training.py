@@ -34,7 +34,13 @@ def test_dump_writes_labels_and_resumes(tmp_path):
         assert 0 not in r["candidates"]  # the sink is always resident, never a label
         assert sum(r["mass"]) > 0 and r["positives"]
         assert len(r["quest"]) == len(r["candidates"])  # recorded at each window's first step
+        # the mean over layers and heads: a share of each step's attention, summed over <= 4
+        # steps, so below the window's length; its positives come from it
+        assert len(r["mass_mean"]) == len(r["candidates"])
+        assert 0 < sum(r["mass_mean"]) < 4 and set(r["positives_mean"]) <= set(r["candidates"])
     assert rows[1]["query"].startswith(rows[0]["query"])  # window 1 adds the generated text
+    mean = read_labels(out, mass="mean")
+    assert [r["mass"] for r in mean] == [r["mass_mean"] for r in rows]
 
 
 def _toy_rows(n: int, seed: int) -> list[dict]:

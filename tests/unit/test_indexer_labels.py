@@ -84,6 +84,59 @@ def test_label_rows_sum_windows_and_exclude_sink_and_tail():
     assert rows[0]["positives"] == [1] and rows[0]["query"] == "base"
     assert rows[1]["mass"] == [0.0, 0.0, 0.0, 3.0] and rows[1]["positives"] == [4]
     assert rows[1]["query"] == "base <7><8>" and rows[1]["output"] == "<7><8><9>"
+    assert rows[0]["mass_mean"] is None and rows[0]["positives_mean"] is None  # no mean record
+
+
+def test_label_rows_carry_the_mean_mass_next_to_the_peak():
+    cfg = DumpConfig(window=2, chunk_size=4, sink_chunks=1, recent_tokens=4, top_p=0.6)
+    peak = [torch.tensor([9.0, 1, 0, 0, 0, 9]), torch.tensor([9.0, 2, 0, 1, 0, 9, 1])]
+    mean = [torch.tensor([0.5, 0.0, 0.1, 0.0, 0.2, 0.2]),
+            torch.tensor([0.5, 0.0, 0.3, 0.0, 0.0, 0.1, 0.1])]
+    doc = corpus.Document("d", "retrieve", "train", "ctx", "q?", "a")
+    out = RequestOutput("r", "", [7, 8], "length", "full", None)
+    trace = Trace(out, peak, [f"c{i}" for i in range(6)], {}, mean)
+    (row,) = label_rows(doc, trace, 24, "base", lambda ids: "", cfg)
+    assert row["mass"] == [3.0, 0.0, 1.0, 0.0] and row["positives"] == [1]
+    assert row["mass_mean"] == pytest.approx([0.0, 0.4, 0.0, 0.2])  # chunks 1-4, summed
+    assert row["positives_mean"] == [2]  # 0.4 of the 0.6 total: top-p 0.6 needs only chunk 2
+
+
+def test_recorder_keeps_the_peak_and_the_mean_over_layers_and_heads():
+    from flashmemory.decode.step import AttentionRecorder
+
+    rec = AttentionRecorder(num_layers=2)
+    # layer 0: 2 heads over chunks 0-2; layer 1: 2 heads over chunks 0-3 (a chunk opened)
+    rec.add("r", torch.tensor([0, 1, 2]), torch.tensor([[0.6, 0.4, 0.0], [0.2, 0.2, 0.6]]))
+    rec.add("r", torch.tensor([0, 1, 2, 3]),
+            torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]))
+    rec.end_step()
+    assert rec.steps["r"][0].tolist() == pytest.approx([1.0, 0.4, 0.6, 0.5])
+    assert rec.mean_steps["r"][0].tolist() == pytest.approx([0.45, 0.15, 0.275, 0.125])
+    assert float(rec.mean_steps["r"][0].sum()) == pytest.approx(1.0)  # a share of attention
+    rec.add("r", torch.tensor([0]), torch.tensor([[1.0]]))  # the next step starts afresh
+    rec.end_step()
+    assert rec.mean_steps["r"][1].tolist() == [1.0] and len(rec.steps["r"]) == 2
+
+
+def test_read_labels_reads_the_mean_mass_or_refuses_a_dump_without_it(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flashmemory.indexer.train import read_labels
+
+    row = dict(doc_id="d", split="train", candidates=[1, 2], mass=[3.0, 1.0], positives=[1],
+               mass_mean=[0.1, 0.3], positives_mean=[2])
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "new.parquet")
+    (peak,) = read_labels(tmp_path / "new.parquet")
+    (mean,) = read_labels(tmp_path / "new.parquet", mass="mean")
+    assert peak["mass"] == [3.0, 1.0] and peak["positives"] == [1]
+    assert mean["mass"] == pytest.approx([0.1, 0.3]) and mean["positives"] == [2]
+    old = {k: v for k, v in row.items() if not k.endswith("_mean")}
+    pq.write_table(pa.Table.from_pylist([old]), tmp_path / "old.parquet")
+    with pytest.raises(ValueError, match="without mass_mean"):
+        read_labels(tmp_path / "old.parquet", mass="mean")
+    with pytest.raises(ValueError, match="mass must be one of"):
+        read_labels(tmp_path / "new.parquet", mass="max")
 
 
 def test_score_row_and_evaluate_from_known_inputs():
