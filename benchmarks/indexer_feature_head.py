@@ -21,7 +21,7 @@ import torch
 
 from flashmemory.indexer.evaluate import against_oracle, neural_scorer
 from flashmemory.indexer.head import fit_head, row_features
-from flashmemory.indexer.train import read_labels
+from flashmemory.indexer.train import MASSES, read_labels
 
 BUDGETS = (0.05, 0.1, 0.2)
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--indexer", required=True)
     ap.add_argument("--exclude", type=Path, help="label dump the indexer was trained on")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--mass", choices=["peak", "mean"], default="peak",
+    ap.add_argument("--mass", choices=MASSES, default="peak",
                     help="the label mass to fit and measure (indexer.train.read_labels)")
     args = ap.parse_args()
     seen = {r["doc_id"] for r in read_labels(args.exclude)} if args.exclude else set()

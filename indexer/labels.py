@@ -84,7 +84,7 @@ def label_rows(doc: Document, trace: Any, num_prompt_tokens: int, query_base: st
     n = len(chunk_texts)
     output = decode(output_ids)
     rows = []
-    means = getattr(trace, "mean_steps", None) or []
+    means = trace.mean_steps
     for w, s0 in enumerate(range(0, len(steps), cfg.window)):
         fixed = fixed_chunks(n, num_prompt_tokens + s0 + 1, cfg.chunk_size, cfg.sink_chunks,
                              cfg.recent_tokens)

@@ -77,16 +77,15 @@ if triton is not None:
             start = s
             end = n_blocks
             step = num_splits
-            if PREFETCH:
-                nxt = tl.load(row + start * BLOCK_N // PAGE,
-                              mask=start * BLOCK_N // PAGE < table_width, other=0)
+            first_ok = start * BLOCK_N // PAGE < table_width
         else:
             per_split = tl.cdiv(n_blocks, num_splits)  # each request splits its own chunks
             start = s * per_split
             end = tl.minimum(start + per_split, n_blocks)
             step = 1
-            if PREFETCH:  # the next block's page index is loaded one iteration ahead
-                nxt = tl.load(row + start * BLOCK_N // PAGE, mask=start < end, other=0)
+            first_ok = start < end
+        if PREFETCH:  # the next block's page index is loaded one iteration ahead
+            nxt = tl.load(row + start * BLOCK_N // PAGE, mask=first_ok, other=0)
         if PDL:  # launched early (programmatic dependent launch): wait for the previous kernel
             gdc_wait()  # before reading Q and K/V, which it may have written
             gdc_launch_dependents()  # let the merge kernel launch and wait in turn
