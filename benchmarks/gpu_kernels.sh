@@ -20,6 +20,7 @@ for s in $stages; do
     probe) python3 benchmarks/kernel_probe.py 2>&1 | tee "$OUT/probe.log" ;;
     variants) python3 benchmarks/kernel_probe.py --variants 2>&1 | tee "$OUT/variants.log" ;;
     profile) python3 benchmarks/kernel_probe.py --profile 2>&1 | tee "$OUT/profile.log" ;;
+    hbmread) python3 benchmarks/hbm_read_probe.py 2>&1 | tee "$OUT/hbm-read.log" ;;
     probesweep) python3 benchmarks/kernel_probe.py --sweep 2>&1 | tee "$OUT/probe-sweep.log" ;;
     sweep) for c in "32k 0.05 1" "512k 0.1 1" "1024k 0.05 1" "128k 0.1 8"; do set -- $c
              fm bench kernel --shapes llama3-8b --contexts "$1" --budgets "$2" --batches "$3" --sweep \
