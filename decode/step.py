@@ -35,11 +35,17 @@ class AttentionRecorder:
     what a request needs; averaged over all heads their signal drowns in heads that attend to
     sinks and recent tokens. ``mean_steps``: the mean over every (layer, query head), the share
     of all attention the chunk receives (the textbook attention-mass measure, reported next to
-    the peak by ``flashmemory indexer evaluate --mass mean``).
+    the peak by ``flashmemory indexer evaluate --mass mean``). ``head_steps`` (only with
+    ``keep_heads``): every (layer, query head)'s own mass, (layers, heads, chunks) per step,
+    from which the label dump aggregates over a chosen set of retrieval heads.
     """
 
-    def __init__(self, num_layers: int, quest_every: int | None = None) -> None:
+    def __init__(self, num_layers: int, quest_every: int | None = None,
+                 keep_heads: bool = False) -> None:
         self.num_layers = num_layers
+        self.keep_heads = keep_heads
+        self._layer_mass: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.head_steps: dict[str, list[torch.Tensor]] = {}
         self.current: dict[str, torch.Tensor] = {}  # request -> (num_chunks_seen,) peak
         self.steps: dict[str, list[torch.Tensor]] = {}
         self._sum: dict[str, torch.Tensor] = {}  # request -> summed mass over heads this step
@@ -62,6 +68,9 @@ class AttentionRecorder:
                                          per_head.max(0).values)
         self._sum[request_id] = _add(self._sum.get(request_id), chunks, per_head.sum(0))
         self._heads[request_id] = self._heads.get(request_id, 0) + per_head.shape[0]
+        if self.keep_heads:  # layers arrive in order
+            self._layer_mass.setdefault(request_id, []).append((chunks.cpu(),
+                                                                per_head.float().cpu()))
         if quest is not None:
             self._quest_now[request_id] = _peak(self._quest_now.get(request_id), chunks, quest)
 
@@ -69,9 +78,17 @@ class AttentionRecorder:
         for rid, acc in self.current.items():
             self.steps.setdefault(rid, []).append(acc)
             self.mean_steps.setdefault(rid, []).append(self._sum[rid] / self._heads[rid])
+        for rid, layers in self._layer_mass.items():
+            size = max(int(c.max()) for c, _ in layers) + 1
+            hq = layers[0][1].shape[0]
+            per = torch.zeros(len(layers), hq, size)
+            for i, (c, m) in enumerate(layers):
+                per[i][:, c] = m
+            self.head_steps.setdefault(rid, []).append(per)
         for rid, acc in self._quest_now.items():
             self.quest.setdefault(rid, {})[len(self.steps[rid]) - 1] = acc
         self.current, self._quest_now, self._sum, self._heads = {}, {}, {}, {}
+        self._layer_mass = {}
 
 
 def _grown(acc: torch.Tensor | None, size: int) -> torch.Tensor:

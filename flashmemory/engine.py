@@ -49,6 +49,8 @@ class Trace:
     chunk_texts: list[str]  # the prompt's chunks
     quest: dict[int, torch.Tensor]  # step -> (num_chunks_seen,) Quest-style scores
     mean_steps: list[torch.Tensor] = field(default_factory=list)  # per step: mean over heads
+    # per step: (layers, query heads, num_chunks_seen), every head's own mass
+    head_steps: list[torch.Tensor] = field(default_factory=list)
 
 
 class Engine(ABC):
@@ -144,9 +146,9 @@ class LLM(Engine):
             first = self._prefill(store_id, prompt, lsa.chunk_size, [replace(lsa, mode="full")])
             texts = self.store.chunk_texts(store_id)
             out, rec, rid = self._record_full(store_id, prompt, sampling, lsa, first, start,
-                                              quest_every)
+                                              quest_every, keep_heads=True)
             return Trace(out, rec.steps.get(rid, []), texts, rec.quest.get(rid, {}),
-                         rec.mean_steps.get(rid, []))
+                         rec.mean_steps.get(rid, []), rec.head_steps.get(rid, []))
         finally:
             self._release(store_id)
 
@@ -237,12 +239,12 @@ class LLM(Engine):
 
     def _record_full(self, store_id: str, prompt: Prompt, sampling: SamplingParams,
                      lsa: LSAConfig, first: torch.Tensor, start: float,
-                     quest_every: int | None = None,
+                     quest_every: int | None = None, keep_heads: bool = False,
                      ) -> tuple[RequestOutput, AttentionRecorder, str]:
         """Decode a prefilled prompt with full attention, recording per-step chunk mass (and
         Quest-style scores every ``quest_every`` steps): the output, the record, its request."""
         seq = self._new_seq(store_id, prompt, sampling, replace(lsa, mode="full"), start, None)
-        recorder = AttentionRecorder(self.model.config.num_layers, quest_every)
+        recorder = AttentionRecorder(self.model.config.num_layers, quest_every, keep_heads)
         out = self._decode([seq], {store_id: first}, recorder)[0]
         return out, recorder, seq.rid
 

@@ -11,16 +11,18 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
-MASSES = ("peak", "mean")  # as indexer.train.MASSES (kept here: the CLI imports no torch)
-MASS_HELP = ("the label mass to use: peak (over layers and heads, the default) or mean (the "
-             "share of all attention; needs a dump with mass_mean)")
+MASSES = ("peak", "mean", "retrieval")  # as indexer.train.MASSES (the CLI imports no torch)
+MASS_HELP = ("the label mass to use: peak (over layers and heads, the default), mean (the "
+             "share of all attention; needs a dump with mass_mean) or retrieval (the mean over "
+             "the retrieval heads of `flashmemory indexer heads`; needs a dump with mass_heads)")
 
 
 def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
     """Register ``indexer``; ``csv`` parses lists, ``common`` adds the engine flags."""
     p = sub.add_parser("indexer", help="build corpora, dump labels, train and evaluate indexers")
     steps = p.add_subparsers(dest="step", required=True,
-                             metavar="{build-corpus,dump,train,fit-head,evaluate,latent-dump,"
+                             metavar="{build-corpus,dump,heads,train,fit-head,evaluate,"
+                                     "latent-dump,"
                                      "latent-train,latent-evaluate}")
 
     c = steps.add_parser("build-corpus", help="write a corpus Parquet (synthetic and/or text)")
@@ -43,6 +45,17 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
     d.add_argument("--top-p", type=float, default=0.8)
     d.add_argument("--max-prompt-tokens", type=int, default=4096)
     common(d, selection=False)  # the dump decodes with full attention
+
+    r = steps.add_parser("heads", help="choose the retrieval heads of a label dump (the heads "
+                         "whose attention lands on the answer's chunks) for --mass retrieval")
+    r.add_argument("--labels", type=Path, required=True)
+    r.add_argument("--top", type=int, default=12,
+                   help="heads to keep (12 of SmolLM2's 270: under 5%%, as Wu et al. found)")
+    r.add_argument("--out", type=Path,
+                   help="where to write them (default: retrieval_heads.json in the dump)")
+    r.add_argument("--top-p", type=float, default=0.8,
+                   help="positives: the fewest candidates holding this share of their mass")
+    r.add_argument("--max-positives", type=int, default=16)
 
     t = steps.add_parser("train", help="fine-tune the dual encoder on a label dump")
     t.add_argument("--labels", type=Path, required=True)
@@ -121,7 +134,7 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
                     help="KMAX = ceil(budget x pages)")
     le.add_argument("--threshold", type=float, default=0.5, help="sigmoid score to keep a page")
     le.add_argument("--json", type=Path, help="also write the result rows here")
-    for q in (c, t, h, e, lt, le):
+    for q in (c, r, t, h, e, lt, le):
         q.add_argument("-v", "--verbose", action="store_true")
         q.add_argument("--debug", action="store_true")
     p.set_defaults(func=run)
@@ -129,7 +142,8 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    return {"build-corpus": _build, "dump": _dump, "train": _train, "fit-head": _fit_head,
+    return {"build-corpus": _build, "dump": _dump, "heads": _heads, "train": _train,
+            "fit-head": _fit_head,
             "evaluate": _evaluate,
             "latent-dump": _latent_dump, "latent-train": _latent_train,
             "latent-evaluate": _latent_evaluate}[args.step](args)
@@ -164,6 +178,21 @@ def _dump(args: argparse.Namespace) -> int:
               lsa=LSAConfig(mode="full"))
     n = labels.dump(llm, docs, args.out, cfg)
     print(f"wrote {n} label rows to {args.out}")
+    return 0
+
+
+def _heads(args: argparse.Namespace) -> int:
+    from flashmemory.cli import UsageError
+    from flashmemory.indexer import retrieval_heads as heads
+
+    if args.top < 1 or not 0 < args.top_p <= 1 or args.max_positives < 1:
+        raise UsageError("--top and --max-positives must be >= 1, --top-p in (0, 1]")
+    info = heads.choose(args.labels, args.top, args.out, args.top_p, args.max_positives)
+    print(f"{len(info['heads'])} retrieval heads of {info['num_heads']} (over {info['rows']} "
+          f"training rows of {', '.join(info['families'])}) -> "
+          f"{args.out or heads.heads_path(args.labels)}")
+    for (layer, head), score in zip(info["layer_head"], info["selected_scores"], strict=True):
+        print(f"  layer {layer:3d} head {head:3d}  evidence lift {score:.2f}")
     return 0
 
 

@@ -21,6 +21,12 @@ documents already written (resumable). Schema, one row per (document, window):
   positives_mean: list<int>           the top-p candidates by mass_mean
                                       (``read_labels(..., mass="mean")`` reads these two as
                                       ``mass`` and ``positives``)
+  window_steps: int                   decode steps in the window (fewer than W at the end)
+  num_layers, num_heads: int          the backbone's layers, and H = layers x query heads
+  mass_heads: list<float>             every head's own summed mass on each candidate, H rows of
+                                      len(candidates), row-major (layer-major, then head);
+                                      ``indexer.retrieval_heads`` reads the retrieval-head
+                                      mass from it
   quest: list<float>                  Quest-style score of each candidate at step_start: the
                                       backbone's query against per-chunk key min / max bounds
   answer, output: str                 gold answer and the backbone's generated text
@@ -85,6 +91,7 @@ def label_rows(doc: Document, trace: Any, num_prompt_tokens: int, query_base: st
     output = decode(output_ids)
     rows = []
     means = trace.mean_steps
+    per_head = getattr(trace, "head_steps", [])
     for w, s0 in enumerate(range(0, len(steps), cfg.window)):
         fixed = fixed_chunks(n, num_prompt_tokens + s0 + 1, cfg.chunk_size, cfg.sink_chunks,
                              cfg.recent_tokens)
@@ -94,6 +101,8 @@ def label_rows(doc: Document, trace: Any, num_prompt_tokens: int, query_base: st
         cand_mean = _window_mass(means[s0:s0 + cfg.window], n)[cands] if means else None
         pos_mean = (None if cand_mean is None else
                     [cands[i] for i in top_p_positives(cand_mean, cfg.top_p, cfg.max_positives)])
+        heads = (_window_head_mass(per_head[s0:s0 + cfg.window], n)[..., cands]
+                 if per_head else None)
         recent = decode(output_ids[:s0])[-400:] if s0 else ""
         quest = trace.quest.get(s0)
         rows.append(dict(
@@ -102,6 +111,10 @@ def label_rows(doc: Document, trace: Any, num_prompt_tokens: int, query_base: st
             chunk_texts=chunk_texts, candidates=cands, mass=cand_mass.tolist(), positives=pos,
             mass_mean=None if cand_mean is None else cand_mean.tolist(),
             positives_mean=pos_mean,
+            window_steps=len(steps[s0:s0 + cfg.window]),
+            num_layers=None if heads is None else heads.shape[0],
+            num_heads=None if heads is None else heads.shape[0] * heads.shape[1],
+            mass_heads=None if heads is None else heads.flatten().tolist(),
             quest=None if quest is None else quest[cands].tolist(),
             answer=doc.answer, output=output))
     return rows
@@ -114,6 +127,15 @@ def _window_mass(window: list[torch.Tensor], n: int) -> torch.Tensor:
     for m in window:
         k = min(n, m.numel())
         mass[:k] += m[:k]
+    return mass
+
+
+def _window_head_mass(window: list[torch.Tensor], n: int) -> torch.Tensor:
+    """(layers, heads, n): ``_window_mass`` for every head's own record."""
+    mass = torch.zeros(*window[0].shape[:2], n)
+    for m in window:
+        k = min(n, m.shape[-1])
+        mass[..., :k] += m[..., :k]
     return mass
 
 

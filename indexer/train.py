@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "flashmemory-indexer"
 FORMAT_VERSION = 1
 META_FILE = "flashmemory_indexer.json"
-MASSES = ("peak", "mean")  # label mass aggregations over layers and heads (indexer.labels)
+# label mass aggregations over layers and heads (indexer.labels; indexer.retrieval_heads)
+MASSES = ("peak", "mean", "retrieval")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class TrainConfig:
     group: int = 8  # kl: candidates per example
     groupings: int = 1  # kl: independent shuffles of each row into groups (more pairs compared)
     temperature: float = 0.05  # kl: the student's softmax temperature over cosine scores
-    mass: str = "peak"  # the labels' mass aggregation to learn ("peak" or "mean"; read_labels)
+    mass: str = "peak"  # the labels' mass aggregation to learn (one of MASSES; read_labels)
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_size < 2 or self.learning_rate <= 0:
@@ -77,20 +78,35 @@ def read_labels(path: Path, split: str | None = None, mass: str = "peak",
                 ) -> list[dict[str, Any]]:
     """Rows of a label dump (a directory of part files or one Parquet file). ``mass="mean"``:
     each row's ``mass`` and ``positives`` are its mean-over-heads ones (``mass_mean``,
-    ``positives_mean``; ``indexer.labels``) instead of the peak-over-heads ones."""
+    ``positives_mean``; ``indexer.labels``) instead of the peak-over-heads ones;
+    ``mass="retrieval"``: the mean over the retrieval heads chosen for this dump
+    (``indexer.retrieval_heads``, ``flashmemory indexer heads``)."""
     import pyarrow.parquet as pq
 
     if mass not in MASSES:
         raise ValueError(f"mass must be one of {MASSES}, got {mass!r}")
     if not path.exists():
         raise FileNotFoundError(f"no label dump at {path}")
-    rows = [r for r in pq.read_table(path).to_pylist() if split is None or r["split"] == split]
+    if path.is_dir():  # its Parquet files only (the dump keeps other files next to them)
+        import pyarrow as pa
+
+        parts = sorted(path.glob("*.parquet"))
+        if not parts:
+            raise FileNotFoundError(f"no Parquet files in {path}")
+        table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
+    else:
+        table = pq.read_table(path)
+    rows = [r for r in table.to_pylist() if split is None or r["split"] == split]
     if mass == "mean":
         if any(r.get("mass_mean") is None for r in rows):
             raise ValueError(f"{path} has rows without mass_mean (dumped before the mean was "
                              "recorded): dump it again to read it with mass='mean'")
         for r in rows:
             r["mass"], r["positives"] = r["mass_mean"], r["positives_mean"]
+    elif mass == "retrieval":
+        from flashmemory.indexer import retrieval_heads as heads
+
+        heads.apply(rows, heads.load(path))
     return rows
 
 

@@ -8,8 +8,10 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from flashmemory.indexer import corpus
+from flashmemory.indexer import retrieval_heads as heads
 from flashmemory.indexer.evaluate import evaluate, neural_scorer
 from flashmemory.indexer.head import fit_from_labels
 from flashmemory.indexer.labels import DumpConfig, done_doc_ids, dump
@@ -19,7 +21,7 @@ from flashmemory.indexer.train import TrainConfig, read_labels, read_meta, train
 def test_dump_writes_labels_and_resumes(tmp_path):
     from flashmemory import LLM
 
-    docs = list(corpus.synthetic(["retrieve", "multihop"], 1, 1400, seed=3))
+    docs = list(corpus.synthetic(["retrieve", "multihop"], 1, 1400, seed=5))  # code mid-text
     llm = LLM("smollm2-135m-instruct")
     cfg = DumpConfig(steps=6, window=4, chunk_size=32, recent_tokens=32, flush_every=1)
     out = tmp_path / "labels"
@@ -41,6 +43,20 @@ def test_dump_writes_labels_and_resumes(tmp_path):
     assert rows[1]["query"].startswith(rows[0]["query"])  # window 1 adds the generated text
     mean = read_labels(out, mass="mean")
     assert [r["mass"] for r in mean] == [r["mass_mean"] for r in rows]
+    # every (layer, query head)'s own mass: per step a share of that head's attention, so a
+    # head's mass on the candidates sums to at most the window's steps; their mean is mass_mean
+    cfg_model = llm.model.config
+    for r in rows:
+        assert r["num_layers"] == cfg_model.num_layers and 1 <= r["window_steps"] <= 4
+        per = torch.tensor(r["mass_heads"]).view(r["num_heads"], len(r["candidates"]))
+        assert float(per.sum(1).max()) <= r["window_steps"] + 1e-4
+        assert per.mean(0).tolist() == pytest.approx(r["mass_mean"], abs=1e-5)
+    # retrieval heads: the retrieve document's code is in a candidate chunk; the multihop
+    # (eval) row is scored with the heads the training row chose
+    info = heads.choose(out, top=4)
+    assert info["rows"] >= 1 and len(info["heads"]) == 4
+    ret = read_labels(out, "eval", mass="retrieval")
+    assert all(len(r["mass"]) == len(r["candidates"]) and r["positives"] for r in ret)
 
 
 def _toy_rows(n: int, seed: int) -> list[dict]:
