@@ -22,8 +22,7 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("indexer", help="build corpora, dump labels, train and evaluate indexers")
     steps = p.add_subparsers(dest="step", required=True,
                              metavar="{build-corpus,dump,heads,train,fit-head,evaluate,"
-                                     "latent-dump,"
-                                     "latent-train,latent-evaluate}")
+                                     "latent-dump,latent-train,latent-evaluate}")
 
     c = steps.add_parser("build-corpus", help="write a corpus Parquet (synthetic and/or text)")
     c.add_argument("--out", type=Path, required=True)
@@ -143,10 +142,8 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     return {"build-corpus": _build, "dump": _dump, "heads": _heads, "train": _train,
-            "fit-head": _fit_head,
-            "evaluate": _evaluate,
-            "latent-dump": _latent_dump, "latent-train": _latent_train,
-            "latent-evaluate": _latent_evaluate}[args.step](args)
+            "fit-head": _fit_head, "evaluate": _evaluate, "latent-dump": _latent_dump,
+            "latent-train": _latent_train, "latent-evaluate": _latent_evaluate}[args.step](args)
 
 
 def _build(args: argparse.Namespace) -> int:
