@@ -26,15 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flashmemory.bench.common import gpu_name, hbm_read_bandwidth
+from flashmemory.bench.common import _stream_read, gpu_name, hbm_read_bandwidth
 from flashmemory.bench.kernel import _per_call_ms
-
-
-@triton.jit
-def _tile_read(X, Out, BLOCK: tl.constexpr):
-    i = tl.program_id(0)
-    x = tl.load(X + i.to(tl.int64) * BLOCK + tl.arange(0, BLOCK))
-    tl.store(Out + i, tl.sum(x.to(tl.float32), 0))
 
 
 @triton.jit
@@ -49,17 +42,18 @@ def _strip_read(X, Out, n_tiles, BLOCK: tl.constexpr, STAGES: tl.constexpr):
 
 
 def tile_reader(block: int, warps: int) -> Callable[[torch.Tensor], Callable[[], Any]]:
+    """The table's streaming read (``common._stream_read``) at another tile size and width."""
+
     def make(x: torch.Tensor) -> Callable[[], Any]:
         out = torch.empty(x.numel() // block, dtype=torch.float32, device=x.device)
-        return lambda: _tile_read[(out.numel(),)](x, out, BLOCK=block, num_warps=warps)
+        return lambda: _stream_read[(out.numel(),)](x, out, BLOCK=block, num_warps=warps)
     return make
 
 
 def strip_reader(block: int, warps: int, per_sm: int, stages: int,
                  ) -> Callable[[torch.Tensor], Callable[[], Any]]:
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-
     def make(x: torch.Tensor) -> Callable[[], Any]:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         tiles = x.numel() // block
         grid = min(tiles, sms * per_sm)
         out = torch.empty(grid, dtype=torch.float32, device=x.device)

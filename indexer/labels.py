@@ -101,7 +101,7 @@ def label_rows(doc: Document, trace: Any, num_prompt_tokens: int, query_base: st
         cand_mean = _window_mass(means[s0:s0 + cfg.window], n)[cands] if means else None
         pos_mean = (None if cand_mean is None else
                     [cands[i] for i in top_p_positives(cand_mean, cfg.top_p, cfg.max_positives)])
-        heads = (_window_head_mass(per_head[s0:s0 + cfg.window], n)[..., cands]
+        heads = (_window_mass(per_head[s0:s0 + cfg.window], n)[..., cands]
                  if per_head else None)
         recent = decode(output_ids[:s0])[-400:] if s0 else ""
         quest = trace.quest.get(s0)
@@ -121,18 +121,10 @@ def label_rows(doc: Document, trace: Any, num_prompt_tokens: int, query_base: st
 
 
 def _window_mass(window: list[torch.Tensor], n: int) -> torch.Tensor:
-    """(n,) the window's per-step chunk mass summed over its steps; each step's vector covers
-    the chunks seen so far (prompt + generated), of which the first n are the prompt's."""
-    mass = torch.zeros(n)
-    for m in window:
-        k = min(n, m.numel())
-        mass[:k] += m[:k]
-    return mass
-
-
-def _window_head_mass(window: list[torch.Tensor], n: int) -> torch.Tensor:
-    """(layers, heads, n): ``_window_mass`` for every head's own record."""
-    mass = torch.zeros(*window[0].shape[:2], n)
+    """(..., n) the window's per-step chunk mass summed over its steps; each step's record
+    (one value per chunk, or one per (layer, head) and chunk) covers the chunks seen so far
+    (prompt + generated), of which the first n are the prompt's."""
+    mass = torch.zeros(*window[0].shape[:-1], n)
     for m in window:
         k = min(n, m.shape[-1])
         mass[..., :k] += m[..., :k]

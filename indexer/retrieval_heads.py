@@ -69,11 +69,11 @@ def evidence(row: dict[str, Any]) -> list[int]:
     return [i for i, c in enumerate(row["candidates"]) if c in hit]
 
 
-def head_scores(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, int]:
+def head_scores(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """(heads,) each head's mean lift on the evidence chunks (its per-step attention share on
     them over the share uniform attention across the prompt's chunks would give them), and the
-    number of rows it is averaged over."""
-    total, used = None, 0
+    rows it is averaged over (those with evidence)."""
+    total, voters = None, []
     for r in rows:
         ev = evidence(r)
         steps = r.get("window_steps") or 0
@@ -81,11 +81,11 @@ def head_scores(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, int]:
             continue
         share = head_matrix(r)[:, ev].sum(1) / steps * len(r["chunk_texts"]) / len(ev)
         total = share if total is None else total + share
-        used += 1
+        voters.append(r)
     if total is None:
         raise ValueError("no training row has answer text in a candidate chunk (and per-head "
                          "mass): retrieval heads need synthetic families with gold answers")
-    return total / used, used
+    return total / len(voters), voters
 
 
 def choose(labels: Path, top: int, out: Path | None = None, top_p: float = 0.8,
@@ -97,18 +97,18 @@ def choose(labels: Path, top: int, out: Path | None = None, top_p: float = 0.8,
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
     rows = read_labels(labels, "train")
-    scores, used = head_scores(rows)
+    scores, voters = head_scores(rows)
     if top > scores.numel():
         raise ValueError(f"top={top} but the dump has {scores.numel()} heads")
     order = torch.argsort(scores, descending=True)[:top].tolist()
     num_heads = int(scores.numel())
-    per_layer = num_heads // int(rows[0]["num_layers"])
+    per_layer = num_heads // int(voters[0]["num_layers"])
     info = {"version": HEADS_VERSION, "labels": str(labels), "num_heads": num_heads,
             "heads_per_layer": per_layer, "heads": order,
             "layer_head": [[h // per_layer, h % per_layer] for h in order],
             "score": "lift", "selected_scores": [round(float(scores[h]), 5) for h in order],
-            "scores": [round(float(s), 5) for s in scores], "rows": used,
-            "families": sorted({r["family"] for r in rows if evidence(r)}),
+            "scores": [round(float(s), 5) for s in scores], "rows": len(voters),
+            "families": sorted({r["family"] for r in voters}),
             "top_p": top_p, "max_positives": max_positives,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     path = out or heads_path(labels)
