@@ -40,9 +40,10 @@ class ClusterClient:
         exit), so a consumer that stops reading after it cannot hold them."""
         h, lsa = self.h, lsa or self.h.cfg.engine.lsa
         rid = request_id or f"req-{next(self._ids)}-{time.time_ns()}"
-        prefill = decode = None
+        decode = None
+        sent: dict[str, Any] = {"prefill": None, "decode": None}  # called, maybe not answered
         index, final, t = -1, None, _Timer(self.metrics)
-        ended = False
+        ended = failed = False  # failed: a worker call raised here
 
         def end() -> None:  # once: free the request everywhere it has state
             nonlocal ended
@@ -51,23 +52,29 @@ class ClusterClient:
             ended = True
             if decode is None:
                 self._waiting(-1)
-            elif final is None or final.finish_reason == "error":
-                decode.cancel.remote(rid)  # client went away or failed: free the decode pages
-            if prefill is not None:
-                prefill.free.remote(rid)
-            h.indexer.forget.remote(rid)
+            # A decode worker that took the request frees its chunks on the prefill worker and
+            # its indexer state when it drops it (``decode.worker``); one that was sent it but
+            # has not answered may have taken it. Cancel there when the client went away.
+            if sent["decode"] is not None and (final is None or failed):
+                sent["decode"].cancel.remote(rid)
+            if sent["decode"] is None or failed:
+                # no decode worker took it, or the one that did failed: free it here. A prefill
+                # still running drops what it built when it ends (``prefill.worker``).
+                if sent["prefill"] is not None:
+                    sent["prefill"].free.remote(rid)
+                h.indexer.forget.remote(rid)
             self._account(prompt, final)
 
         self._waiting(+1)
         stage = "prefill"
         try:
             # 1. prefill: chunk KV stays on the prefill worker; embeddings go to the indexer
-            prefill, reply = await self._prefill(PrefillTask(rid, prompt, sampling, lsa))
+            reply = await self._prefill(PrefillTask(rid, prompt, sampling, lsa), sent)
             # 2. the indexer picks the decode worker; one that is dead gets the request elsewhere
             stage = "decode"
             task = DecodeTask(rid, prompt, sampling, lsa, reply.prefill_rank, reply.first_token,
                               time.time(), reply.prefill_s, reply.state)
-            index, decode = await self._submit(rid, task)
+            index, decode = await self._submit(rid, task, sent)
             self._waiting(-1)
             # 3. stream tokens; the decode worker pulls selected chunks as it goes
             async for ref in decode.stream.remote(rid):
@@ -80,6 +87,7 @@ class ClusterClient:
                 if final is not None:
                     return
         except RayError as e:  # a worker died or raised: the stream ends with an error event
+            failed = True
             if isinstance(e, RayActorError) and decode is not None and stage == "decode":
                 h.indexer.report_down.remote(index)
             final = TokenEvent(rid, "", finish_reason="error",
@@ -89,26 +97,29 @@ class ClusterClient:
         finally:
             end()
 
-    async def _prefill(self, task: PrefillTask) -> tuple[Any, Any]:
+    async def _prefill(self, task: PrefillTask, sent: dict[str, Any]) -> Any:
         """Prefill on the next worker (round robin); a call refused because that worker is
         restarting did not run and goes to the next one, for up to ``restart_wait_s``. A call
-        that was running when its worker died is not re-run (it may be what killed it)."""
+        that was running when its worker died is not re-run (it may be what killed it).
+        ``sent["prefill"]`` names the worker called, before its answer arrives."""
         h = self.h
         deadline = time.monotonic() + h.cfg.restart_wait_s
         while True:
-            worker = h.prefills[next(self._rr) % len(h.prefills)]
+            worker = sent["prefill"] = h.prefills[next(self._rr) % len(h.prefills)]
             try:
-                return worker, await worker.prefill.remote(task)
+                return await worker.prefill.remote(task)
             except ActorUnavailableError as e:
                 if not _refused_while_restarting(e) or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
 
-    async def _submit(self, rid: str, task: DecodeTask) -> tuple[int, Any]:
+    async def _submit(self, rid: str, task: DecodeTask,
+                      sent: dict[str, Any]) -> tuple[int, Any]:
         """Route and submit; a decode worker that died is reported to the indexer (it routes
         around it until it answers again) and the request goes to another one; when every one
         failed, it waits for a restart for up to ``restart_wait_s``. Nothing has run on the
-        decode side yet, so submitting again is safe."""
+        decode side yet, so submitting again is safe. ``sent["decode"]`` names the worker a
+        submit went to, before its answer arrives."""
         h, tried = self.h, []
         deadline = time.monotonic() + h.cfg.restart_wait_s
         while True:
@@ -116,7 +127,7 @@ class ClusterClient:
                 index = await h.indexer.route.remote(rid, tuple(tried))
             except RayError:  # the indexer is restarting: pick a worker here
                 index = next(i for i in self._rr_decodes() if i not in tried)
-            decode = h.decodes[index]
+            decode = sent["decode"] = h.decodes[index]
             try:
                 await decode.submit.remote(task)
                 return index, decode

@@ -44,6 +44,7 @@ class DecodeWorker:
         self.loop = self._make_loop()
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self._reading: set[str] = set()  # requests whose ``stream`` a client is reading
         self._sent: dict[str, tuple[int, int]] = {}  # (chars, token ids) streamed per request
         self._tasks: dict[str, DecodeTask] = {}
         self._ids = transfer_ids(rank)
@@ -97,6 +98,7 @@ class DecodeWorker:
     async def stream(self, request_id: str) -> AsyncIterator[TokenEvent]:
         """Token events of one request until its final event."""
         q = self._streams[request_id]
+        self._reading.add(request_id)
         try:
             while True:
                 ev = await q.get()
@@ -104,9 +106,16 @@ class DecodeWorker:
                 if ev.finish_reason is not None:
                     return
         finally:
+            self._reading.discard(request_id)
             self._streams.pop(request_id, None)
 
     async def cancel(self, request_id: str) -> None:
+        """The client went away: stop decoding the request. Its pages, its chunks on the
+        prefill worker and the indexer's state for it are freed when the decode thread drops it
+        (``_release``), so no re-prediction runs after its chunks are gone. Events nobody reads
+        are dropped."""
+        if request_id not in self._reading:
+            self._streams.pop(request_id, None)
         self._inbox.put(("cancel", request_id))
 
     async def stats(self) -> dict[str, Any]:
@@ -187,13 +196,23 @@ class DecodeWorker:
                 self.metrics.observe("flashmemory_kv_footprint_peak_ratio",
                                      stats.kv_footprint_peak)
             self._sent.pop(s.rid, None)
-            self._tasks.pop(s.rid, None)
+            task = self._tasks.pop(s.rid, None)
+            if task is not None:
+                self._release(task)
         else:
             self._sent[s.rid] = (len(s.text), len(s.out))
         ev = TokenEvent(s.rid, s.text[sent:], s.out[sent_ids:], s.finish, stats, s.error)
         q = self._streams.get(s.rid)
         if q is not None and self._aio is not None:
             self._aio.call_soon_threadsafe(q.put_nowait, ev)
+
+    def _release(self, task: DecodeTask) -> None:
+        """A request this worker took has ended here (finished, failed or cancelled): free its
+        chunks on the prefill worker and the indexer's state for it. The decode worker does
+        this, not the client, because only it knows that no re-prediction of the request is
+        still to run."""
+        self.prefills[task.prefill_rank].free.remote(task.request_id)
+        self.indexer.forget.remote(task.request_id)
 
     def ask_indexer(self, ref: Any, what: str, fallback: str) -> Any:
         """The result of an indexer call; None when the indexer cannot answer in time (dead,

@@ -43,7 +43,7 @@ class DSV4PrefillWorker(PrefillWorker):
     def max_model_len(self) -> int:
         return self._max_len
 
-    def prefill(self, task: PrefillTask) -> PrefillReply:
+    def _prefill(self, task: PrefillTask) -> PrefillReply:
         """Prefill into the page store, embed page texts for a text indexer, sample the first
         token, and put the request's resident state in the object store for the decode side."""
         import ray

@@ -5,8 +5,9 @@ token, and sends selected chunks to decode workers over the chunk transport."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 from flashmemory.cluster.config import ClusterConfig
@@ -21,6 +22,11 @@ from flashmemory.prefill.runner import prefill
 from flashmemory.sampling import make_generator, sample
 
 logger = logging.getLogger(__name__)
+FREED_REMEMBERED = 4096  # freed request ids kept to catch a prefill that ends after its free
+
+
+class RequestCancelledError(RuntimeError):
+    """The request was freed (its client went away) before its prefill ended."""
 
 
 class PrefillWorker:
@@ -36,6 +42,12 @@ class PrefillWorker:
         self.metrics = Metrics({"worker": f"prefill-{rank}"})
         self.faults = Failpoints()
         self._released: deque[int] = deque(maxlen=4096)  # recently released transfer ids
+        # Requests the client freed, newest last. This actor runs calls in several threads, so
+        # a free can arrive while the request's prefill runs, or before it starts: that prefill
+        # then drops what it built instead of holding it for a client that is gone.
+        self._freed: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self.cancelled = 0  # prefills whose request was freed before they ended
         self.metrics.track_process(e.device)
 
     def _load_model(self) -> None:
@@ -52,6 +64,32 @@ class PrefillWorker:
 
     # -- requests ------------------------------------------------------------------------------
     def prefill(self, task: PrefillTask) -> PrefillReply:
+        """Prefill the request (``_prefill``). When the client freed it before or while this
+        ran (it hung up during prefill), drop its chunks and the embeddings this call handed
+        the indexer, and raise ``RequestCancelledError``."""
+        rid = task.request_id
+        if self._was_freed(rid, count=True):
+            raise RequestCancelledError(f"request {rid} was cancelled before its prefill")
+        try:
+            reply = self._prefill(task)
+        except Exception:
+            if not self._was_freed(rid):
+                raise
+            # a free that landed mid-prefill took the chunks from under it: it was cancelled
+        if self._was_freed(rid, count=True):
+            self.store.free(rid)
+            self.indexer.forget.remote(rid)  # after this worker's register: same caller, in order
+            raise RequestCancelledError(f"request {rid} was cancelled during its prefill")
+        return reply
+
+    def _was_freed(self, request_id: str, count: bool = False) -> bool:
+        """Whether the client freed ``request_id``; ``count``: a prefill of it is being dropped."""
+        with self._lock:
+            freed = request_id in self._freed
+            self.cancelled += int(freed and count)
+            return freed
+
+    def _prefill(self, task: PrefillTask) -> PrefillReply:
         """Prefill, register chunk embeddings with the indexer, sample the first token."""
         if task.lsa.chunk_size != self.store.chunk_size:
             raise ValueError(f"chunk_size {task.lsa.chunk_size} differs from the cluster's "
@@ -134,11 +172,18 @@ class PrefillWorker:
         return self.transport.num_staged()
 
     def free(self, request_id: str) -> None:
+        """Drop a request's chunks; a prefill of it still running (or not yet started) drops
+        them when it ends."""
+        with self._lock:
+            self._freed[request_id] = None
+            while len(self._freed) > FREED_REMEMBERED:
+                self._freed.popitem(last=False)
         self.store.free(request_id)
         self.metrics.set("flashmemory_chunk_store_bytes", self.store.nbytes())
 
     def stats(self) -> dict[str, Any]:
         return {"requests": len(self.store.requests()), "store_bytes": self.store.nbytes(),
+                "cancelled": self.cancelled,
                 "bytes_sent": self.bytes_sent, "staged": self.transport.num_staged(),
                 "rss_bytes": process_rss(), **self.placement}
 

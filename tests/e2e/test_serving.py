@@ -74,10 +74,16 @@ def _wait_idle(client: ClusterClient, timeout: float = 30.0) -> dict:
         s = _stats(client)
         idle = (all(d["tables"] == 0 and d["pages_in_use"] == 0 for d in s["decode"])
                 and all(p["requests"] == 0 for p in s["prefill"])
-                and s["indexer"]["requests_held"] == 0)
+                and s["indexer"]["requests_held"] == 0 and s["indexer"]["load"] == [0, 0])
         if idle or time.time() > deadline:
             return s
         time.sleep(0.2)
+
+
+def _assert_idle(s: dict) -> None:
+    assert all(d["tables"] == 0 and d["pages_in_use"] == 0 for d in s["decode"]), s
+    assert all(p["requests"] == 0 for p in s["prefill"]), s
+    assert s["indexer"]["requests_held"] == 0 and s["indexer"]["load"] == [0, 0], s
 
 
 def test_chat_non_streaming_and_streaming(oai) -> None:
@@ -156,10 +162,7 @@ def test_cancelled_stream_frees_chunks_everywhere(server, llm: LLM) -> None:
         await gen.aclose()
 
     asyncio.run(read_one_then_leave())
-    s = _wait_idle(client)
-    assert all(d["tables"] == 0 and d["pages_in_use"] == 0 for d in s["decode"]), s
-    assert all(p["requests"] == 0 for p in s["prefill"]), s
-    assert s["indexer"]["requests_held"] == 0 and s["indexer"]["load"] == [0, 0]
+    _assert_idle(_wait_idle(client))
 
 
 def test_http_disconnect_frees_chunks(server) -> None:
@@ -170,8 +173,35 @@ def test_http_disconnect_frees_chunks(server) -> None:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break  # first token arrived: hang up
-    s = _wait_idle(client)
-    assert all(d["tables"] == 0 for d in s["decode"]) and s["indexer"]["requests_held"] == 0, s
+    _assert_idle(_wait_idle(client))
+
+
+def test_hang_up_during_prefill_frees_everything(server, llm: LLM) -> None:
+    """The client leaves while its prefill runs: the prefill ends on its worker afterwards and
+    must drop its chunks and the embeddings it gave the indexer, with nobody left to ask."""
+    import ray
+
+    from flashmemory.cluster.faults import Fault
+
+    client = server[1]
+    prefill = client.h.prefills[0]
+    before = ray.get(prefill.stats.remote())["cancelled"]
+    prompt = llm.tokenize(NEEDLE, chat=True)
+    # the prefill stalls 2 s before it starts: the client's free lands first, and the prefill's
+    # register with the indexer after it
+    ray.get(prefill.set_fault.remote(Fault("prefill", "stall", seconds=2.0)))
+
+    async def leave_during_prefill() -> None:
+        gen = client.stream(prompt, SamplingParams(max_tokens=8))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(gen.__anext__(), 0.5)
+
+    asyncio.run(leave_during_prefill())
+    deadline = time.time() + 60
+    while ray.get(prefill.stats.remote())["cancelled"] == before and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.get(prefill.stats.remote())["cancelled"] == before + 1
+    _assert_idle(_wait_idle(client))
 
 
 @pytest.mark.parametrize("body,status,code", [
