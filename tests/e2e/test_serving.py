@@ -18,7 +18,7 @@ from flashmemory.cluster.config_io import cluster_config_from_dict
 from flashmemory.cluster.launch import connect_workers
 from flashmemory.config import LSAConfig, SamplingParams
 from flashmemory.engine import LLM
-from tests.helpers import free_port
+from tests.helpers import free_port, worker_stats
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -62,28 +62,27 @@ def oai(server):
 def _stats(client: ClusterClient) -> dict:
     import ray
 
-    h = client.h
-    return {"decode": ray.get([d.stats.remote() for d in h.decodes]),
-            "prefill": ray.get([p.stats.remote() for p in h.prefills]),
-            "indexer": ray.get(h.indexer.stats.remote())}
+    return {**worker_stats(client), "indexer": ray.get(client.h.indexer.stats.remote())}
+
+
+def _idle(s: dict) -> bool:
+    """No decode page or table, prefill chunks, indexer embeddings or routed load is held."""
+    return (all(d["tables"] == 0 and d["pages_in_use"] == 0 for d in s["decode"])
+            and all(p["requests"] == 0 for p in s["prefill"])
+            and s["indexer"]["requests_held"] == 0 and s["indexer"]["load"] == [0, 0])
 
 
 def _wait_idle(client: ClusterClient, timeout: float = 30.0) -> dict:
     deadline = time.time() + timeout
     while True:
         s = _stats(client)
-        idle = (all(d["tables"] == 0 and d["pages_in_use"] == 0 for d in s["decode"])
-                and all(p["requests"] == 0 for p in s["prefill"])
-                and s["indexer"]["requests_held"] == 0 and s["indexer"]["load"] == [0, 0])
-        if idle or time.time() > deadline:
+        if _idle(s) or time.time() > deadline:
             return s
         time.sleep(0.2)
 
 
 def _assert_idle(s: dict) -> None:
-    assert all(d["tables"] == 0 and d["pages_in_use"] == 0 for d in s["decode"]), s
-    assert all(p["requests"] == 0 for p in s["prefill"]), s
-    assert s["indexer"]["requests_held"] == 0 and s["indexer"]["load"] == [0, 0], s
+    assert _idle(s), s
 
 
 def test_chat_non_streaming_and_streaming(oai) -> None:
