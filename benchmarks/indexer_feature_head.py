@@ -5,7 +5,8 @@ Issue 5 experiment. Scores every label row with one indexer, then fits the listw
 features that a serving indexer has for free. The head is fitted on the training-split rows of
 documents the encoder was not trained on (``--exclude``: the encoder's own label dump), and
 measured on the evaluation split. Prints mass recall (and its share of the oracle's) at 5/10/20%
-for the encoder alone, recency, and a linear and a small MLP head.
+for the encoder alone, recency, a linear and a small MLP head on all the features, and linear
+heads on a few features only (the text score and the position: fewer weights to fit on few rows).
 
 Usage (CPU is fine):
   python benchmarks/indexer_feature_head.py --labels LABELS --indexer CKPT [--exclude LABELS0]
@@ -20,10 +21,19 @@ from pathlib import Path
 import torch
 
 from flashmemory.indexer.evaluate import against_oracle, neural_scorer
-from flashmemory.indexer.head import fit_head, row_features
+from flashmemory.indexer.head import FEATURES, fit_head, row_features
 from flashmemory.indexer.train import MASSES, read_labels
 
 BUDGETS = (0.05, 0.1, 0.2)
+# linear heads on these features alone (the others are zeroed, which the head's standardisation
+# turns into a constant 0 input)
+SUBSETS = (("score_z", "position"), ("score_z", "position", "dist_last_log"),
+           ("score_z", "position", "position_sq", "dist_last_rel", "dist_last_log"))
+
+
+def only(feats: list[torch.Tensor], names: tuple[str, ...]) -> list[torch.Tensor]:
+    keep = torch.tensor([f in names for f in FEATURES], dtype=torch.float32)
+    return [f * keep for f in feats]
 
 
 def line(name: str, rows: list[dict], scores: list[torch.Tensor]) -> str:
@@ -60,6 +70,11 @@ def main() -> None:
         head, _ = fit_head(f_train, masses, hidden)
         with torch.no_grad():
             print(line(name, test, [head(f) for f in f_test]))
+    for names in SUBSETS:
+        head, _ = fit_head(only(f_train, names), masses, 0)
+        with torch.no_grad():
+            print(line("linear head on " + " + ".join(names), test,
+                       [head(f) for f in only(f_test, names)]))
 
 
 if __name__ == "__main__":
