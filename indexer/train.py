@@ -150,9 +150,15 @@ def triples(rows: list[dict[str, Any]], cfg: TrainConfig) -> list[tuple[str, str
 def mass_groups(rows: list[dict[str, Any]], cfg: TrainConfig) -> list[dict[str, Any]]:
     """kl examples: {query, chunk_0..chunk_{group-1}, label: their masses}. A row's candidates
     are shuffled and cut into groups (the last one topped up from the rest of the row),
-    ``cfg.groupings`` times with independent shuffles; groups without mass are dropped."""
+    ``cfg.groupings`` times with independent shuffles; groups without mass are dropped. Rows
+    with fewer candidates than a group are skipped, with a warning that counts them."""
     rng = random.Random(cfg.seed)
     out = []
+    short = [r for r in rows if len(r["candidates"]) < cfg.group]
+    if short:
+        logger.warning("kl: %d of %d training rows have fewer than --group %d candidates and "
+                       "are skipped (fewest candidates in a row: %d)", len(short), len(rows),
+                       cfg.group, min(len(r["candidates"]) for r in short))
     for r in rows:
         if len(r["candidates"]) < cfg.group:
             continue

@@ -3,6 +3,7 @@ MiniLM on a toy task that the zero-shot model gets wrong, with a save / load rou
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pyarrow as pa
@@ -110,7 +111,7 @@ def test_listwise_mass_distillation_learns_the_toy_task(tmp_path):
     assert next(r["recall"] for r in res if r["family"] == "all") >= 80
 
 
-def test_mass_groups_cover_each_row_and_keep_their_masses():
+def test_mass_groups_cover_each_row_and_keep_their_masses(caplog):
     from flashmemory.indexer.train import mass_groups
 
     rows = _toy_rows(2, 0)
@@ -123,6 +124,10 @@ def test_mass_groups_cover_each_row_and_keep_their_masses():
         assert len({e[f"chunk_{j}"] for j in range(3)}) == 3  # no chunk twice in a group
     twice = mass_groups(rows, TrainConfig(group=3, overlap_chars=0, groupings=2))
     assert len(twice) == 2 * len(ex)  # a second, independent shuffle of every row
+    with caplog.at_level(logging.WARNING, logger="flashmemory.indexer.train"):
+        wide = mass_groups(rows, TrainConfig(group=6, overlap_chars=0))
+    assert len(wide) == 2  # the 5-candidate row is skipped, and said so
+    assert "1 of 3 training rows have fewer than --group 6 candidates" in caplog.text
     with pytest.raises(ValueError, match="loss"):
         TrainConfig(loss="hinge")
 
