@@ -154,14 +154,12 @@ def mass_groups(rows: list[dict[str, Any]], cfg: TrainConfig) -> list[dict[str, 
     with fewer candidates than a group are skipped, with a warning that counts them."""
     rng = random.Random(cfg.seed)
     out = []
-    short = [r for r in rows if len(r["candidates"]) < cfg.group]
-    if short:
+    wide = [r for r in rows if len(r["candidates"]) >= cfg.group]
+    if len(wide) < len(rows):
         logger.warning("kl: %d of %d training rows have fewer than --group %d candidates and "
-                       "are skipped (fewest candidates in a row: %d)", len(short), len(rows),
-                       cfg.group, min(len(r["candidates"]) for r in short))
-    for r in rows:
-        if len(r["candidates"]) < cfg.group:
-            continue
+                       "are skipped (fewest candidates in a row: %d)", len(rows) - len(wide),
+                       len(rows), cfg.group, min(len(r["candidates"]) for r in rows))
+    for r in wide:
         for _ in range(cfg.groupings):
             out += _groups(r, cfg, rng)
     rng.shuffle(out)
