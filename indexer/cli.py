@@ -76,6 +76,10 @@ def add_parser(sub: Any, csv: Any, common: Any) -> argparse.ArgumentParser:
                    help="kl: independent shuffles of each row into groups")
     t.add_argument("--temperature", type=float, default=0.05,
                    help="kl: softmax temperature over cosine scores")
+    t.add_argument("--position-prior", action="store_true",
+                   help="kl: add a prior over each chunk's distance to the prompt's end, fitted "
+                        "on the same rows, to the logits; saved with the checkpoint and used in "
+                        "serving (docs/INDEXER.md)")
     t.add_argument("--device", default=None)
     t.add_argument("--mass", choices=MASSES, default="peak", help=MASS_HELP)
 
@@ -201,7 +205,8 @@ def _train(args: argparse.Namespace) -> int:
                       learning_rate=args.lr, max_rows=args.max_rows, top_p=args.top_p,
                       max_positives=args.max_positives, loss=args.loss, group=args.group,
                       groupings=args.groupings,
-                      temperature=args.temperature, mass=args.mass)
+                      temperature=args.temperature, mass=args.mass,
+                      position_prior=args.position_prior)
     meta = train(args.labels, args.out, cfg, args.device)
     print(json.dumps(meta, indent=1))
     return 0

@@ -60,6 +60,16 @@ class NeuralIndexer:
         from flashmemory.indexer.head import load_head
 
         self.head = load_head(path)  # a fitted position-aware head over the text score, if any
+        from flashmemory.indexer.prior import load_prior
+
+        # a position prior the encoder was trained with (``train --position-prior``): serving
+        # ranks by cosine / temperature + log prior, the logits the encoder learned beside it
+        self.prior = load_prior(path)
+        if self.prior is not None and self.head is not None:
+            raise ValueError(f"{path}: holds both a position prior and a score head; an indexer "
+                             "uses one of them")
+        self.temperature = (float(self.meta["config"].get("temperature", 0.05))
+                            if self.meta is not None else 0.05)
         # Each chunk is embedded with the tail of the chunk before it, so a fact cut by a chunk
         # boundary still reads whole in the chunk that holds its end.
         self.overlap_chars = overlap_chars
@@ -134,10 +144,14 @@ class NeuralIndexer:
 
     def candidate_scores(self, request_id: str, query: str, candidates: list[int],
                          num_prompt_chunks: int, head: bool = True) -> torch.Tensor:
-        """Scores of ``candidates``: the text score, through the checkpoint's head if it has
-        one (``head=False``: the text score alone)."""
+        """Scores of ``candidates``: the text score, through the checkpoint's head or plus its
+        position prior if it has one (``head=False``: the text score alone)."""
         cands = torch.tensor(candidates, dtype=torch.long)
         text = self.chunk_scores(request_id, query)[cands]
-        if not head or self.head is None:
+        if not head:
+            return text
+        if self.prior is not None:
+            return text / self.temperature + self.prior.log_prior(cands)
+        if self.head is None:
             return text
         return self.head.score(cands, num_prompt_chunks, text)

@@ -10,6 +10,10 @@ dual encoder with sentence-transformers' trainer, with one of two losses:
   into groups of ``group`` chunks; the student's softmax over the group's cosine scores (at
   ``temperature``) is fitted to the mass share of each chunk in the group by KL divergence, so
   the ranking that mass recall measures is what is learned, not only the top few chunks.
+  With ``position_prior`` a prior over each chunk's distance to the end of the prompt
+  (``indexer.prior``), fitted on the same rows, is added to the student's logits, so the
+  encoder learns the part of the mass that the distance does not explain; the prior is saved
+  with the checkpoint and serving adds it the same way.
 
 A held-out tenth of the rows calibrates a score threshold (the lowest positive score that keeps
 ``target_recall`` of the positives) so that selection can follow scores, as in the paper. The
@@ -28,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from flashmemory.indexer.prior import PRIOR_FILE, PositionPrior
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +66,7 @@ class TrainConfig:
     groupings: int = 1  # kl: independent shuffles of each row into groups (more pairs compared)
     temperature: float = 0.05  # kl: the student's softmax temperature over cosine scores
     mass: str = "peak"  # the labels' mass aggregation to learn (one of MASSES; read_labels)
+    position_prior: bool = False  # kl: train and serve as cosine / temperature + log prior
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_size < 2 or self.learning_rate <= 0:
@@ -72,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
         if self.mass not in MASSES:
             raise ValueError(f"mass must be one of {MASSES}, got {self.mass!r}")
+        if self.position_prior and self.loss != "kl":
+            raise ValueError("position_prior needs loss 'kl' (it shifts the listwise logits)")
 
 
 def read_labels(path: Path, split: str | None = None, mass: str = "peak",
@@ -147,11 +156,14 @@ def triples(rows: list[dict[str, Any]], cfg: TrainConfig) -> list[tuple[str, str
     return out
 
 
-def mass_groups(rows: list[dict[str, Any]], cfg: TrainConfig) -> list[dict[str, Any]]:
+def mass_groups(rows: list[dict[str, Any]], cfg: TrainConfig,
+                prior: PositionPrior | None = None) -> list[dict[str, Any]]:
     """kl examples: {query, chunk_0..chunk_{group-1}, label: their masses}. A row's candidates
     are shuffled and cut into groups (the last one topped up from the rest of the row),
     ``cfg.groupings`` times with independent shuffles; groups without mass are dropped. Rows
-    with fewer candidates than a group are skipped, with a warning that counts them."""
+    with fewer candidates than a group are skipped, with a warning that counts them. With a
+    ``prior`` the label also carries each chunk's log prior after the masses (2 x group
+    values), which ``MassKLLoss`` adds to the student's logits."""
     rng = random.Random(cfg.seed)
     out = []
     wide = [r for r in rows if len(r["candidates"]) >= cfg.group]
@@ -161,14 +173,17 @@ def mass_groups(rows: list[dict[str, Any]], cfg: TrainConfig) -> list[dict[str, 
                        len(rows), cfg.group, min(len(r["candidates"]) for r in rows))
     for r in wide:
         for _ in range(cfg.groupings):
-            out += _groups(r, cfg, rng)
+            out += _groups(r, cfg, rng, prior)
     rng.shuffle(out)
     return out
 
 
-def _groups(r: dict[str, Any], cfg: TrainConfig, rng: random.Random) -> list[dict[str, Any]]:
+def _groups(r: dict[str, Any], cfg: TrainConfig, rng: random.Random,
+            prior: PositionPrior | None) -> list[dict[str, Any]]:
     """One shuffle of row ``r``'s candidates cut into kl examples."""
     out = []
+    offset = (dict(zip(r["candidates"], prior.log_prior(r["candidates"]).tolist(), strict=True))
+              if prior is not None else None)
     pairs = list(zip(r["candidates"], r["mass"], strict=True))
     rng.shuffle(pairs)
     for i in range(0, len(pairs), cfg.group):
@@ -178,7 +193,8 @@ def _groups(r: dict[str, Any], cfg: TrainConfig, rng: random.Random) -> list[dic
         masses = [max(0.0, float(m)) for _, m in grp]
         if sum(masses) <= 0:
             continue
-        ex = {"query": r["query"], "label": masses}
+        ex = {"query": r["query"],
+              "label": masses if offset is None else masses + [offset[c] for c, _ in grp]}
         for j, (c, _) in enumerate(grp):
             ex[f"chunk_{j}"] = chunk_view(r["chunk_texts"], c, cfg.overlap_chars)
         out.append(ex)
@@ -190,7 +206,8 @@ class MassKLLoss(torch.nn.Module):
 
     Unlike sentence-transformers' DistillKLDivLoss this takes the teacher as a distribution
     (masses, normalized here) and does not rescale by the temperature squared, so a sharp
-    student temperature keeps full-sized gradients."""
+    student temperature keeps full-sized gradients. A label twice the group's width carries a
+    fixed logit offset per chunk after the masses (the log position prior; ``mass_groups``)."""
 
     def __init__(self, model: Any, temperature: float = 0.05) -> None:
         super().__init__()
@@ -203,15 +220,21 @@ class MassKLLoss(torch.nn.Module):
         q = torch.nn.functional.normalize(emb[0], dim=-1)
         docs = torch.nn.functional.normalize(torch.stack(emb[1:], dim=1), dim=-1)  # (B, K, E)
         scores = torch.einsum("bke,be->bk", docs, q) / self.temperature
-        teacher = labels.float().clamp_min(0)
+        labels = labels.float()
+        if labels.shape[-1] == 2 * scores.shape[-1]:
+            labels, offset = labels.chunk(2, dim=-1)
+            scores = scores + offset
+        teacher = labels.clamp_min(0)
         teacher = teacher / teacher.sum(-1, keepdim=True)
         return torch.nn.functional.kl_div(torch.log_softmax(scores, -1), teacher,
                                           reduction="batchmean")
 
 
-def calibrate(model: Any, rows: list[dict[str, Any]], cfg: TrainConfig) -> tuple[float, float]:
+def calibrate(model: Any, rows: list[dict[str, Any]], cfg: TrainConfig,
+              prior: PositionPrior | None = None) -> tuple[float, float]:
     """Threshold keeping ``target_recall`` of held-out positives, and the share of negatives
-    it also keeps (the price of that recall)."""
+    it also keeps (the price of that recall); with a ``prior`` on the serving score
+    ``cosine / temperature + log prior``."""
     pos_s, neg_s = [], []
     for r in rows:
         pos = positives(r, cfg)
@@ -220,7 +243,10 @@ def calibrate(model: Any, rows: list[dict[str, Any]], cfg: TrainConfig) -> tuple
         views = [chunk_view(r["chunk_texts"], c, cfg.overlap_chars) for c in r["candidates"]]
         emb = model.encode([r["query"], *views], convert_to_tensor=True,
                            normalize_embeddings=True, show_progress_bar=False)
-        sims = (emb[1:] @ emb[0]).tolist()
+        sims = (emb[1:] @ emb[0]).float().cpu()
+        if prior is not None:
+            sims = sims / cfg.temperature + prior.log_prior(r["candidates"])
+        sims = sims.tolist()
         for c, s in zip(r["candidates"], sims, strict=True):
             (pos_s if c in pos else neg_s).append(s)
     return threshold_at_recall(pos_s, neg_s, cfg.target_recall)
@@ -264,7 +290,9 @@ def train(labels: Path, out_dir: Path, cfg: TrainConfig, device: str | None = No
     rng.shuffle(rows)
     held = rows[: max(1, len(rows) // 10)] if len(rows) >= 10 else []
     fit_rows = rows[len(held):]
-    data: list[Any] = triples(fit_rows, cfg) if cfg.loss == "mnrl" else mass_groups(fit_rows, cfg)
+    prior = PositionPrior.fit(fit_rows) if cfg.position_prior else None
+    data: list[Any] = (triples(fit_rows, cfg) if cfg.loss == "mnrl"
+                       else mass_groups(fit_rows, cfg, prior))
     if not data:
         raise ValueError(f"{labels} has no training rows with positives (split 'train')"
                          if cfg.loss == "mnrl" else
@@ -294,8 +322,10 @@ def train(labels: Path, out_dir: Path, cfg: TrainConfig, device: str | None = No
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
                                          loss=loss)
     result = trainer.train()
-    threshold, neg_kept = calibrate(model, held or fit_rows[:50], cfg)
+    threshold, neg_kept = calibrate(model, held or fit_rows[:50], cfg, prior)
     model.save(str(out_dir))
+    if prior is not None:
+        prior.save(out_dir)
     meta = {"format": FORMAT, "version": FORMAT_VERSION,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "base": cfg.base, "config": asdict(cfg), "labels": str(labels),
@@ -304,7 +334,9 @@ def train(labels: Path, out_dir: Path, cfg: TrainConfig, device: str | None = No
             "train_loss": float(result.training_loss),
             "loss_curve": [h["loss"] for h in trainer.state.log_history if "loss" in h],
             "threshold": threshold,
-            "threshold_recall": cfg.target_recall, "threshold_negatives_kept": neg_kept}
+            "threshold_recall": cfg.target_recall, "threshold_negatives_kept": neg_kept,
+            "position_prior": None if prior is None else {
+                "file": PRIOR_FILE, "rows": prior.rows, "max_distance": prior.max_distance}}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
     return meta
 

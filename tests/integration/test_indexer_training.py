@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -98,13 +99,18 @@ def test_training_fixes_what_zero_shot_gets_wrong_and_round_trips(tmp_path):
     assert trained_recall >= zero_recall + 40, (zero_recall, trained_recall)
 
 
+def _train_kl(tmp_path, rows: list[dict], out: str, **cfg) -> tuple[Path, dict]:
+    """Write ``rows`` as a label file and train a kl indexer on them (CPU, groups of 8)."""
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{out}.parquet")
+    cfg = dict(batch_size=8, overlap_chars=0, loss="kl", group=8) | cfg
+    meta = train(tmp_path / f"{out}.parquet", tmp_path / out, TrainConfig(**cfg), device="cpu")
+    return tmp_path / out, meta
+
+
 def test_listwise_mass_distillation_learns_the_toy_task(tmp_path):
-    pq.write_table(pa.Table.from_pylist(_toy_rows(48, 0)), tmp_path / "toy.parquet")
     held_out = _toy_rows(12, 1)
-    out = tmp_path / "trained-kl"
-    meta = train(tmp_path / "toy.parquet", out,
-                 TrainConfig(epochs=3, batch_size=8, learning_rate=1e-4, logging_steps=5,
-                             overlap_chars=0, loss="kl", group=8), device="cpu")
+    out, meta = _train_kl(tmp_path, _toy_rows(48, 0), "trained-kl", epochs=3,
+                          learning_rate=1e-4, logging_steps=5)
     assert meta["config"]["loss"] == "kl" and meta["examples"] == 44  # 48 - 4 calibration rows
     assert meta["loss_curve"][-1] < meta["loss_curve"][0]
     res = evaluate(held_out, {"kl": neural_scorer(str(out))}, (0.125,))
@@ -165,3 +171,26 @@ def test_fit_head_adds_what_the_text_score_lacks_and_serves_through_it(tmp_path)
     assert recall["minilm"] < 40 and recall["head"] == 100, recall
     with pytest.raises(ValueError, match="not empty"):
         fit_from_labels(tmp_path / "pos.parquet", "minilm", out)
+
+
+def test_position_prior_trains_in_and_serves_with_the_encoder(tmp_path):
+    from flashmemory.indexer.neural import NeuralIndexer
+
+    held_out = _position_rows(12, 1)
+    out, meta = _train_kl(tmp_path, _position_rows(40, 0), "with-prior", epochs=1,
+                          learning_rate=1e-5, logging_steps=2, position_prior=True)
+    assert meta["position_prior"]["rows"] == 36  # the 4 calibration rows are not fitted on
+    idx = NeuralIndexer(str(out))
+    assert idx.prior is not None and idx.head is None
+    # the mass sits one chunk before the last candidate: the prior's largest entry
+    assert max(range(len(idx.prior.table)), key=idx.prior.table.__getitem__) == 1
+    row = held_out[0]
+    idx.add_request("r", row["chunk_texts"])
+    served = idx.candidate_scores("r", row["query"], row["candidates"], len(row["chunk_texts"]))
+    text = idx.candidate_scores("r", row["query"], row["candidates"], len(row["chunk_texts"]),
+                                head=False)
+    assert torch.allclose(served, text / 0.05 + idx.prior.log_prior(row["candidates"]))
+    res = evaluate(held_out, {"minilm": neural_scorer("minilm"), "prior": neural_scorer(str(out))},
+                   (0.05,))
+    recall = {r["selector"]: r["recall"] for r in res if r["family"] == "all"}
+    assert recall["minilm"] < 40 and recall["prior"] == 100, recall
