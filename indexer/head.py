@@ -156,6 +156,9 @@ def fit_from_labels(labels: Path, indexer: str, out_dir: Path, hidden: int = 0,
     held = rows[: max(1, len(rows) // 10)]
     fit_rows = rows[len(held):]
     idx = NeuralIndexer(indexer, device=device)
+    if idx.prior is not None:
+        raise ValueError(f"{indexer} was trained with a position prior; a score head would "
+                         "replace it (fit the head on an encoder trained without one)")
     text_scores = indexer_scorer(idx, head=False)  # a base checkpoint's own head not applied
 
     def feats(r: dict[str, Any]) -> torch.Tensor:

@@ -194,3 +194,5 @@ def test_position_prior_trains_in_and_serves_with_the_encoder(tmp_path):
                    (0.05,))
     recall = {r["selector"]: r["recall"] for r in res if r["family"] == "all"}
     assert recall["minilm"] < 40 and recall["prior"] == 100, recall
+    with pytest.raises(ValueError, match="position prior"):  # fit-head would shadow it
+        fit_from_labels(tmp_path / "with-prior.parquet", str(out), tmp_path / "head-on-prior")
