@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from flashmemory.indexer.evaluate import against_oracle, neural_scorer
+from flashmemory.indexer.head import zscore
 from flashmemory.indexer.train import MASSES, read_labels
 
 BUDGETS = (0.05, 0.1, 0.2)
@@ -68,10 +69,6 @@ def bm25(row: dict[str, Any], k1: float = 1.2, b: float = 0.75) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def zscore(s: torch.Tensor) -> torch.Tensor:
-    return (s - s.mean()) / (s.std() + 1e-6) if len(s) > 1 else torch.zeros_like(s)
-
-
 def answered(row: dict[str, Any]) -> bool:
     answer = str(row.get("answer") or "").strip().lower()
     return bool(answer) and answer in str(row.get("output") or "").lower()
@@ -79,6 +76,18 @@ def answered(row: dict[str, Any]) -> bool:
 
 def share(rows: list[dict], scores: list[torch.Tensor], budget: float = 0.1) -> str:
     return "{:.1f} ({:.0f}%)".format(*against_oracle(rows, scores, budget)) if rows else "—"
+
+
+def table(title: str, rows: list[dict], long_: list[int],
+          variants: list[tuple[str, list[torch.Tensor]]]) -> None:
+    """One line per scoring variant: share of the oracle at each budget, and at 10% on the
+    long rows (indices ``long_``)."""
+    print(f"| {title} | " + " | ".join(f"{b:.0%}" for b in BUDGETS) + " | 10%, long rows |")
+    print("|---|" + "---:|" * (len(BUDGETS) + 1))
+    for name, s in variants:
+        cells = [share(rows, s, b) for b in BUDGETS]
+        cells.append(share([rows[i] for i in long_], [s[i] for i in long_]))
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def breakdown(rows: list[dict], scores: list[torch.Tensor], long_chunks: int) -> None:
@@ -126,22 +135,16 @@ def facts(rows: list[dict], scores: list[torch.Tensor], pattern: str,
                       f"{100 * i / o if o else float('nan'):.0f}% |")
 
 
-def fusion(rows: list[dict], scores: list[torch.Tensor], long_chunks: int) -> None:
+def fusion(rows: list[dict], scores: list[torch.Tensor], long_: list[int]) -> None:
     lexical = [bm25(r) for r in rows]
-    long_ = [i for i, r in enumerate(rows) if len(r["chunk_texts"]) > long_chunks]
-    print("| score | " + " | ".join(f"{b:.0%}" for b in BUDGETS) + " | 10%, long rows |")
-    print("|---|" + "---:|" * (len(BUDGETS) + 1))
     variants = [(f"indexer + {w} x BM25" if w else "indexer alone",
                  [zscore(s) + w * zscore(x) for s, x in zip(scores, lexical, strict=True)])
                 for w in WEIGHTS]
     variants.append(("BM25 alone", lexical))
-    for name, fused in variants:
-        cells = [share(rows, fused, b) for b in BUDGETS]
-        cells.append(share([rows[i] for i in long_], [fused[i] for i in long_]))
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    table("score", rows, long_, variants)
 
 
-def maxsim(rows: list[dict], device: str, long_chunks: int) -> None:
+def maxsim(rows: list[dict], device: str, long_: list[int]) -> None:
     import torch.nn.functional as F
     from sentence_transformers import SentenceTransformer
 
@@ -161,18 +164,12 @@ def maxsim(rows: list[dict], device: str, long_chunks: int) -> None:
         late.append(torch.stack([(q @ c.T).max(1).values.mean() for c in chunks]))
         qp = F.normalize(q.mean(0), dim=0)
         pooled.append(torch.stack([F.normalize(c.mean(0), dim=0) @ qp for c in chunks]))
-    long_ = [i for i, r in enumerate(rows) if len(r["chunk_texts"]) > long_chunks]
-    print("| zero-shot MiniLM | " + " | ".join(f"{b:.0%}" for b in BUDGETS)
-          + " | 10%, long rows |")
-    print("|---|" + "---:|" * (len(BUDGETS) + 1))
-    for name, s in (("mean-pooled", pooled), ("MaxSim (late interaction)", late)):
-        cells = [share(rows, s, b) for b in BUDGETS]
-        cells.append(share([rows[i] for i in long_], [s[i] for i in long_]))
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    table("zero-shot MiniLM", rows, long_,
+          [("mean-pooled", pooled), ("MaxSim (late interaction)", late)])
 
 
 def hops(rows: list[dict], scores: list[torch.Tensor], indexer: str, device: str,
-         long_chunks: int) -> None:
+         long_: list[int]) -> None:
     from flashmemory.indexer.neural import NeuralIndexer
 
     idx = NeuralIndexer(indexer, device=device)
@@ -185,19 +182,13 @@ def hops(rows: list[dict], scores: list[torch.Tensor], indexer: str, device: str
             second[k].append(idx.candidate_scores("row", query, r["candidates"],
                                                   len(r["chunk_texts"])))
         idx.forget("row")
-    long_ = [i for i, r in enumerate(rows) if len(r["chunk_texts"]) > long_chunks]
-    print("| score | " + " | ".join(f"{b:.0%}" for b in BUDGETS) + " | 10%, long rows |")
-    print("|---|" + "---:|" * (len(BUDGETS) + 1))
     variants = [("first hop (the indexer alone)", scores)]
     for k, again in second.items():
         variants.append((f"second hop alone, {k} chunk(s) before the query", again))
         variants += [(f"first + {w} x second ({k} chunk(s))",
                       [zscore(a) + w * zscore(b) for a, b in zip(scores, again, strict=True)])
                      for w in (0.25, 0.5, 1.0)]
-    for name, s in variants:
-        cells = [share(rows, s, b) for b in BUDGETS]
-        cells.append(share([rows[i] for i in long_], [s[i] for i in long_]))
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    table("score", rows, long_, variants)
 
 
 def main() -> None:
@@ -226,13 +217,14 @@ def main() -> None:
     if args.fact_pattern:
         facts(rows, scores, args.fact_pattern, args.long_chunks)
         print()
-    fusion(rows, scores, args.long_chunks)
+    long_ = [i for i, r in enumerate(rows) if len(r["chunk_texts"]) > args.long_chunks]
+    fusion(rows, scores, long_)
     if args.maxsim:
         print()
-        maxsim(rows, args.device, args.long_chunks)
+        maxsim(rows, args.device, long_)
     if args.hops:
         print()
-        hops(rows, scores, args.indexer, args.device, args.long_chunks)
+        hops(rows, scores, args.indexer, args.device, long_)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,17 @@ FEATURES = ("score_z", "prev_z", "next_z", "max_neighbour_z", "position", "posit
             "dist_last_rel", "dist_last_log", "near_first", "is_first", "is_last", "score")
 
 
+def zscore(s: torch.Tensor) -> torch.Tensor:
+    """Scores standardised over one request's candidates (zeros for fewer than two)."""
+    return (s - s.mean()) / (s.std() + 1e-6) if len(s) > 1 else torch.zeros_like(s)
+
+
 def features(candidates: torch.Tensor, num_chunks: int, scores: torch.Tensor) -> torch.Tensor:
     """(len(candidates), len(FEATURES)) features; ``candidates`` are prompt chunk ids in
     ascending order, ``scores`` the text scores over them, ``num_chunks`` the prompt's chunks."""
     c = candidates.long()
     s = scores.float()
-    z = (s - s.mean()) / (s.std() + 1e-6) if len(s) > 1 else torch.zeros_like(s)
+    z = zscore(s)
     full = torch.full((num_chunks + 2,), -3.0)  # standardised score of every chunk, padded
     full[c + 1] = z
     prev, nxt = full[c], full[c + 2]

@@ -151,7 +151,7 @@ class NeuralIndexer:
         if not head:
             return text
         if self.prior is not None:
-            return text / self.temperature + self.prior.log_prior(cands)
+            return self.prior.score(text, cands, self.temperature)
         if self.head is None:
             return text
         return self.head.score(cands, num_prompt_chunks, text)

@@ -34,6 +34,7 @@ class PositionPrior:
             raise ValueError("a position prior needs a non-empty table of positive values")
         self.table = [float(v) for v in table]
         self.rows = rows
+        self._log_table = torch.tensor(self.table).log()  # read on every re-prediction
 
     @property
     def max_distance(self) -> int:
@@ -73,7 +74,13 @@ class PositionPrior:
         if len(c) == 0:
             return torch.zeros(0)
         d = (c[-1] - c).clamp(0, self.max_distance)
-        return torch.tensor(self.table).log()[d]
+        return self._log_table[d]
+
+    def score(self, cosine: torch.Tensor, candidates: torch.Tensor | list[int],
+              temperature: float) -> torch.Tensor:
+        """The serving score ``cosine / temperature + log prior`` (the logits the encoder was
+        trained on), for one request's candidates."""
+        return cosine / temperature + self.log_prior(candidates)
 
     def save(self, directory: Path) -> Path:
         path = directory / PRIOR_FILE

@@ -245,7 +245,7 @@ def calibrate(model: Any, rows: list[dict[str, Any]], cfg: TrainConfig,
                            normalize_embeddings=True, show_progress_bar=False)
         sims = (emb[1:] @ emb[0]).float().cpu()
         if prior is not None:
-            sims = sims / cfg.temperature + prior.log_prior(r["candidates"])
+            sims = prior.score(sims, r["candidates"], cfg.temperature)
         sims = sims.tolist()
         for c, s in zip(r["candidates"], sims, strict=True):
             (pos_s if c in pos else neg_s).append(s)
