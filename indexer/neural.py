@@ -43,7 +43,7 @@ class NeuralIndexer:
                  batch_size: int = 64, overlap_chars: int = 120) -> None:
         from sentence_transformers import SentenceTransformer
 
-        from flashmemory.indexer.train import read_meta
+        from flashmemory.indexer.train import TrainConfig, read_meta
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = resolve_indexer(name)
@@ -68,8 +68,8 @@ class NeuralIndexer:
         if self.prior is not None and self.head is not None:
             raise ValueError(f"{path}: holds both a position prior and a score head; an indexer "
                              "uses one of them")
-        self.temperature = (float(self.meta["config"].get("temperature", 0.05))
-                            if self.meta is not None else 0.05)
+        self.temperature = float((self.meta or {}).get("config", {}).get(
+            "temperature", TrainConfig.temperature))  # the training default where unrecorded
         # Each chunk is embedded with the tail of the chunk before it, so a fact cut by a chunk
         # boundary still reads whole in the chunk that holds its end.
         self.overlap_chars = overlap_chars
