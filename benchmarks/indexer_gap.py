@@ -17,12 +17,17 @@ Issue 5 experiment. Scores the label rows with one indexer (as serving does), th
    against the same encoder's mean-pooled score, both without the serving windows;
 4. with ``--hops``: two-hop query expansion at inference (multi-hop dense retrieval's idea): the
    one or two chunks the indexer ranks first are put before the query, the chunks are scored
-   again, and that score is added to the first one with a weight.
+   again, and that score is added to the first one with a weight;
+5. with ``--ceilings`` (needs ``--fact-pattern``): rankings that know more than any lookahead
+   indexer can, as upper bounds on the share of the oracle: the indexer given the backbone's own
+   output for the window in its query; the fact chunks known, ranked by the indexer, then the
+   filler by its mean mass at that distance from the tail (learnt leaving the row out); the
+   fact chunks' exact mass with the same filler rule; and the exact fact mass with no filler.
 
 Usage (CPU is fine):
   python benchmarks/indexer_gap.py --labels LABELS [--labels LABELS2 ...] --indexer CKPT
       [--split eval|train] [--mass retrieval] [--fact-pattern REGEX] [--maxsim] [--hops]
-      [--device cuda]
+      [--ceilings] [--device cuda]
 """
 
 from __future__ import annotations
@@ -107,6 +112,12 @@ def breakdown(rows: list[dict], scores: list[torch.Tensor], long_chunks: int) ->
         print(f"| {' | '.join(key)} | {len(idx)} | {cell} |")
 
 
+def fact_flags(row: dict[str, Any], fact_re: re.Pattern) -> list[bool]:
+    """Per candidate: does the chunk (or the 60 characters before it) state a task fact."""
+    texts = row["chunk_texts"]
+    return [bool(fact_re.search(texts[c - 1][-60:] + texts[c])) for c in row["candidates"]]
+
+
 def facts(rows: list[dict], scores: list[torch.Tensor], pattern: str,
           long_chunks: int) -> None:
     """Mass in the top 10% of the oracle and of the indexer, on fact chunks and on filler."""
@@ -114,8 +125,7 @@ def facts(rows: list[dict], scores: list[torch.Tensor], pattern: str,
     sums: dict[tuple[str, str, bool], float] = defaultdict(float)
     for r, s in zip(rows, scores, strict=True):
         length = "long" if len(r["chunk_texts"]) > long_chunks else "short"
-        texts = r["chunk_texts"]
-        is_fact = [bool(fact_re.search(texts[c - 1][-60:] + texts[c])) for c in r["candidates"]]
+        is_fact = fact_flags(r, fact_re)
         mass = torch.tensor(r["mass"], dtype=torch.float32)
         share_ = 100 * mass / mass.sum()  # as mass recall: % of the row's mass
         k = max(1, round(0.1 * len(mass)))
@@ -191,6 +201,55 @@ def hops(rows: list[dict], scores: list[torch.Tensor], indexer: str, device: str
     table("score", rows, long_, variants)
 
 
+def ceiling_rankings(rows: list[dict], scores: list[torch.Tensor], fact_re: re.Pattern,
+                     max_distance: int = 64) -> list[tuple[str, list[torch.Tensor]]]:
+    """Rankings that know which candidates hold a fact (and, two of them, the backbone's exact
+    mass on those): fact chunks first, by the indexer's score or by their mass, then filler by
+    the mean mass share of filler at the same distance from the last candidate over the other
+    rows (the row itself left out)."""
+    flags = [fact_flags(r, fact_re) for r in rows]
+    shares = [torch.tensor(r["mass"], dtype=torch.float64) / sum(r["mass"]) for r in rows]
+    dists = [[min(r["candidates"][-1] - c, max_distance) for c in r["candidates"]] for r in rows]
+    totals: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    per_row = []  # each row's own filler (distance -> [mass, count]), to leave it out
+    for f, m, d in zip(flags, shares, dists, strict=True):
+        own: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for is_fact, mi, di in zip(f, m.tolist(), d, strict=True):
+            if not is_fact:
+                own[di][0] += mi
+                own[di][1] += 1
+        for di, (mi, n) in own.items():
+            totals[di][0] += mi
+            totals[di][1] += n
+        per_row.append(own)
+
+    def filler_mean(j: int, d: int) -> float:
+        mass, n = totals[d][0] - per_row[j][d][0], totals[d][1] - per_row[j][d][1]
+        return mass / n if n else 0.0
+
+    known, exact, alone = [], [], []
+    for j, (f, m, d, s) in enumerate(zip(flags, shares, dists, scores, strict=True)):
+        rank = torch.argsort(torch.argsort(s)).double() / len(s)  # in [0, 1), higher is better
+        filler = torch.tensor([filler_mean(j, di) for di in d], dtype=torch.float64)
+        fact = torch.tensor(f, dtype=torch.bool)
+        known.append(torch.where(fact, 2.0 + rank, filler))  # above every filler share
+        exact.append(torch.where(fact, m, filler))
+        alone.append(torch.where(fact, m, torch.full_like(m, -1.0)))
+    return [("facts known, ranked by the indexer; filler by mean mass at its distance", known),
+            ("exact mass of the fact chunks; filler by mean mass at its distance", exact),
+            ("exact mass of the fact chunks; no filler", alone)]
+
+
+def ceilings(rows: list[dict], scores: list[torch.Tensor], pattern: str, indexer: str,
+             device: str, long_: list[int]) -> None:
+    told = neural_scorer(indexer, device)
+    future = [told({**r, "query": f"{r['query']} {r.get('output') or ''}"}) for r in rows]
+    table("ranking", rows, long_, [
+        ("the indexer", scores),
+        ("the indexer, told the backbone's output for the window", future),
+        *ceiling_rankings(rows, scores, re.compile(pattern))])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--labels", type=Path, action="append", required=True)
@@ -202,10 +261,14 @@ def main() -> None:
     ap.add_argument("--fact-pattern", help="regex naming the chunks that hold a task fact")
     ap.add_argument("--maxsim", action="store_true")
     ap.add_argument("--hops", action="store_true")
+    ap.add_argument("--ceilings", action="store_true",
+                    help="upper bounds from knowing the facts or the output (--fact-pattern)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     rows = [r for p in args.labels for r in read_labels(p, split=args.split, mass=args.mass)
             if r["candidates"] and sum(r["mass"]) > 0]
+    if args.ceilings and not args.fact_pattern:
+        ap.error("--ceilings needs --fact-pattern")
     if not rows:
         ap.error(f"no {args.split} rows with candidates and mass in {args.labels}")
     score = neural_scorer(args.indexer, args.device)
@@ -225,6 +288,9 @@ def main() -> None:
     if args.hops:
         print()
         hops(rows, scores, args.indexer, args.device, long_)
+    if args.ceilings:
+        print()
+        ceilings(rows, scores, args.fact_pattern, args.indexer, args.device, long_)
 
 
 if __name__ == "__main__":
