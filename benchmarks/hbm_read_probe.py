@@ -9,8 +9,11 @@ median of ``do_bench``) and prints each one's share of the peak, so the best of 
 what any kernel reading those bytes in one launch can reach.
 
 Variants: the table's streaming read (16 KiB per program, 8 warps) and other tile sizes; a
-one-wave read whose programs each loop over a contiguous strip with software pipelining; and
-torch's own reduction (``x.sum``).
+one-wave read whose programs each loop over a contiguous strip with software pipelining;
+torch's own reduction (``x.sum``); and the tile and strip reads launched as LSA is, with
+programmatic dependent launch ("PDL": each call waits for the previous one before it reads,
+then lets the next one launch), so that the next call's launch and ramp-up overlap this one's
+tail as they do in the kernel table's chains of LSA calls.
 
 Usage (GPU): python benchmarks/hbm_read_probe.py [--sizes-mb 8,16,...]
 """
@@ -29,10 +32,31 @@ import triton.language as tl
 from flashmemory.bench.common import _stream_read, gpu_name, hbm_read_bandwidth
 from flashmemory.bench.kernel import _per_call_ms
 
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: the PDL variants are left out
+    gdc_launch_dependents = gdc_wait = None
+
 
 @triton.jit
-def _strip_read(X, Out, n_tiles, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+def _tile_read(X, Out, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """One tile per program; with PDL it waits for the previous kernel before reading and lets
+    the next one launch, as the LSA split kernel does."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    i = tl.program_id(0)
+    x = tl.load(X + i.to(tl.int64) * BLOCK + tl.arange(0, BLOCK))
+    tl.store(Out + i, tl.sum(x.to(tl.float32), 0))
+
+
+@triton.jit
+def _strip_read(X, Out, n_tiles, BLOCK: tl.constexpr, STAGES: tl.constexpr,
+                PDL: tl.constexpr):
     """Program p reads tiles p, p + P, ... (round-robin, so every program streams)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     p = tl.program_id(0)
     step = tl.num_programs(0)
     acc = tl.zeros((BLOCK,), tl.float32)
@@ -41,24 +65,30 @@ def _strip_read(X, Out, n_tiles, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     tl.store(Out + p, tl.sum(acc, 0))
 
 
-def tile_reader(block: int, warps: int) -> Callable[[torch.Tensor], Callable[[], Any]]:
-    """The table's streaming read (``common._stream_read``) at another tile size and width."""
+def tile_reader(block: int, warps: int, pdl: bool = False,
+                ) -> Callable[[torch.Tensor], Callable[[], Any]]:
+    """The table's streaming read (``common._stream_read``) at another tile size and width;
+    ``pdl``: launched as LSA is (``_tile_read``)."""
 
     def make(x: torch.Tensor) -> Callable[[], Any]:
         out = torch.empty(x.numel() // block, dtype=torch.float32, device=x.device)
+        if pdl:
+            return lambda: _tile_read[(out.numel(),)](x, out, BLOCK=block, PDL=True,
+                                                      num_warps=warps, launch_pdl=True)
         return lambda: _stream_read[(out.numel(),)](x, out, BLOCK=block, num_warps=warps)
     return make
 
 
-def strip_reader(block: int, warps: int, per_sm: int, stages: int,
+def strip_reader(block: int, warps: int, per_sm: int, stages: int, pdl: bool = False,
                  ) -> Callable[[torch.Tensor], Callable[[], Any]]:
     def make(x: torch.Tensor) -> Callable[[], Any]:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         tiles = x.numel() // block
         grid = min(tiles, sms * per_sm)
         out = torch.empty(grid, dtype=torch.float32, device=x.device)
+        launch = {"launch_pdl": True} if pdl else {}
         return lambda: _strip_read[(grid,)](x, out, tiles, BLOCK=block, STAGES=stages,
-                                            num_warps=warps)
+                                            PDL=pdl, num_warps=warps, **launch)
     return make
 
 
@@ -73,6 +103,13 @@ VARIANTS: dict[str, Callable[[torch.Tensor], Callable[[], Any]]] = {
     "strip 4K x8/SM s4": strip_reader(2048, 4, 8, 4),
     "torch sum": lambda x: (lambda: x.sum(dtype=torch.float32)),
 }
+if gdc_wait is not None:
+    VARIANTS.update({
+        "tile 16K/8w PDL": tile_reader(8192, 8, pdl=True),
+        "tile 32K/8w PDL": tile_reader(16384, 8, pdl=True),
+        "strip 16K x2/SM s4 PDL": strip_reader(8192, 8, 2, 4, pdl=True),
+        "strip 8K x4/SM s3 PDL": strip_reader(4096, 4, 4, 3, pdl=True),
+    })
 
 
 def probe(sizes_mb: list[float]) -> list[dict[str, Any]]:
