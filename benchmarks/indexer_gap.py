@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from flashmemory.indexer.evaluate import against_oracle, neural_scorer
+from flashmemory.indexer.evaluate import Scorer, against_oracle, neural_scorer
 from flashmemory.indexer.head import zscore
 from flashmemory.indexer.train import MASSES, read_labels
 
@@ -240,10 +240,10 @@ def ceiling_rankings(rows: list[dict], scores: list[torch.Tensor], fact_re: re.P
             ("exact mass of the fact chunks; no filler", alone)]
 
 
-def ceilings(rows: list[dict], scores: list[torch.Tensor], pattern: str, indexer: str,
-             device: str, long_: list[int]) -> None:
-    told = neural_scorer(indexer, device)
-    future = [told({**r, "query": f"{r['query']} {r.get('output') or ''}"}) for r in rows]
+def ceilings(rows: list[dict], scores: list[torch.Tensor], score: Scorer, pattern: str,
+             long_: list[int]) -> None:
+    """The indexer (``score``: its scorer) next to rankings that know more than it can."""
+    future = [score({**r, "query": f"{r['query']} {r.get('output') or ''}"}) for r in rows]
     table("ranking", rows, long_, [
         ("the indexer", scores),
         ("the indexer, told the backbone's output for the window", future),
@@ -290,7 +290,7 @@ def main() -> None:
         hops(rows, scores, args.indexer, args.device, long_)
     if args.ceilings:
         print()
-        ceilings(rows, scores, args.fact_pattern, args.indexer, args.device, long_)
+        ceilings(rows, scores, score, args.fact_pattern, long_)
 
 
 if __name__ == "__main__":
