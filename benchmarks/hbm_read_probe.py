@@ -29,31 +29,21 @@ import torch
 import triton
 import triton.language as tl
 
-from flashmemory.bench.common import _stream_read, gpu_name, hbm_read_bandwidth
+from flashmemory.bench.common import (
+    _stream_read,
+    gdc_launch_dependents,
+    gdc_wait,
+    gpu_name,
+    hbm_read_bandwidth,
+)
 from flashmemory.bench.kernel import _per_call_ms
-
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # an older Triton: the PDL variants are left out
-    gdc_launch_dependents = gdc_wait = None
-
-
-@triton.jit
-def _tile_read(X, Out, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """One tile per program; with PDL it waits for the previous kernel before reading and lets
-    the next one launch, as the LSA split kernel does."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    i = tl.program_id(0)
-    x = tl.load(X + i.to(tl.int64) * BLOCK + tl.arange(0, BLOCK))
-    tl.store(Out + i, tl.sum(x.to(tl.float32), 0))
 
 
 @triton.jit
 def _strip_read(X, Out, n_tiles, BLOCK: tl.constexpr, STAGES: tl.constexpr,
                 PDL: tl.constexpr):
-    """Program p reads tiles p, p + P, ... (round-robin, so every program streams)."""
+    """Program p reads tiles p, p + P, ... (round-robin, so every program streams); ``PDL`` as
+    in ``common._stream_read``."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -68,14 +58,13 @@ def _strip_read(X, Out, n_tiles, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 def tile_reader(block: int, warps: int, pdl: bool = False,
                 ) -> Callable[[torch.Tensor], Callable[[], Any]]:
     """The table's streaming read (``common._stream_read``) at another tile size and width;
-    ``pdl``: launched as LSA is (``_tile_read``)."""
+    ``pdl``: launched as LSA is."""
 
     def make(x: torch.Tensor) -> Callable[[], Any]:
         out = torch.empty(x.numel() // block, dtype=torch.float32, device=x.device)
-        if pdl:
-            return lambda: _tile_read[(out.numel(),)](x, out, BLOCK=block, PDL=True,
-                                                      num_warps=warps, launch_pdl=True)
-        return lambda: _stream_read[(out.numel(),)](x, out, BLOCK=block, num_warps=warps)
+        launch = {"launch_pdl": True} if pdl else {}
+        return lambda: _stream_read[(out.numel(),)](x, out, BLOCK=block, PDL=pdl,
+                                                    num_warps=warps, **launch)
     return make
 
 

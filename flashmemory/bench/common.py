@@ -11,6 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older Triton: no programmatic dependent launch (PDL)
+    gdc_launch_dependents = gdc_wait = None
+
 from flashmemory.model.config import ModelConfig, RopeConfig
 
 SHAPES: dict[str, dict[str, Any]] = {  # real layer shapes; weights are random
@@ -96,7 +101,12 @@ def stream_reader(x: torch.Tensor) -> Callable[[], Any]:
 
 
 @triton.jit
-def _stream_read(X, Out, BLOCK: tl.constexpr):
+def _stream_read(X, Out, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """One tile per program; with ``PDL`` (launched with ``launch_pdl``) it waits for the
+    previous kernel before reading and lets the next one launch, as the LSA split kernel does."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     i = tl.program_id(0)
     x = tl.load(X + i.to(tl.int64) * BLOCK + tl.arange(0, BLOCK))
     tl.store(Out + i, tl.sum(x.to(tl.float32), 0))
